@@ -1,0 +1,116 @@
+"""Tiny Stable Diffusion models with random weights, built from diffusers' and transformers' real classes.
+
+They have the shapes of the real thing where it matters to the engine (4 latent channels, 8x VAE
+downsampling, cross-attention, CFG-ready text encoder), in three kinds:
+
+- "sd1": SD 1.x layout: conv projections in the transformer blocks, one head size, quick_gelu CLIP,
+  epsilon prediction, PNDM config as the SD 1.5 repository ships it.
+- "sd2": SD 2.x (768-v) layout: linear projections, per-block head dims, gelu CLIP, "!" padding,
+  v-prediction with a DDIM config, attention upcast.
+- "inpaint": "sd1" with the 9-channel UNet input of the inpainting checkpoints.
+
+Building needs torch, diffusers and transformers (the `export` extra). The weights are random: the
+pictures are noise, which is all the parity tests need. A trained built-in model is issue 3's work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .vocab import write_tokenizer
+
+KINDS = ("sd1", "sd2", "inpaint")
+
+SD1_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "clip_sample": False,
+}
+SD2_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    kind: str = "sd1"
+    seed: int = 0
+    sample_size: int = 8  # latent side: 8 -> 64x64 images, through the VAE's 8x downsampling
+    unet_channels: tuple[int, ...] = (32, 64)
+    text_width: int = 32  # CLIP hidden size = the UNet's cross_attention_dim
+
+
+def build_random_model(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Write a diffusers-format model folder to `out` (atomically: a temporary folder, then a rename)."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if spec.kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {spec.kind!r}; use one of {', '.join(KINDS)}")
+    out = Path(out)
+    sd2 = spec.kind == "sd2"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        tok_dir = tmp / "_tokenizer_src"
+        vocab_size = write_tokenizer(tok_dir, pad_token="!" if sd2 else "<|endoftext|>")
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+
+        torch.manual_seed(spec.seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=spec.text_width, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=spec.text_width,
+            hidden_act="gelu" if sd2 else "quick_gelu", layer_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+        c = spec.unet_channels
+        unet = UNet2DConditionModel(
+            sample_size=spec.sample_size, in_channels=9 if spec.kind == "inpaint" else 4, out_channels=4,
+            block_out_channels=c, layers_per_block=1, norm_num_groups=min(32, c[0]),
+            down_block_types=("CrossAttnDownBlock2D",) * (len(c) - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(c) - 1),
+            cross_attention_dim=spec.text_width,
+            # SD 1.x names one head dim (8); SD 2.x gives one per block and uses linear projections.
+            attention_head_dim=tuple(2 * (i + 1) for i in range(len(c))) if sd2 else 8,
+            use_linear_projection=sd2, upcast_attention=sd2,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(16, 16, 32, 32),  # 4 blocks: 3 downsamplings = 8x, as in SD
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=spec.sample_size * 8, scaling_factor=0.18215,
+        )
+        common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                      set_alpha_to_one=False)
+        if sd2:
+            scheduler = DDIMScheduler(prediction_type="v_prediction", clip_sample=False, **common)
+        else:
+            scheduler = PNDMScheduler(skip_prk_steps=True, **common)
+        cls = StableDiffusionInpaintPipeline if spec.kind == "inpaint" else StableDiffusionPipeline
+        pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        model_dir = tmp / "model"
+        pipe.save_pretrained(model_dir, safe_serialization=True)
+        # The scheduler config exactly as the SD 1.5 and SD 2.1 repositories ship it: written by old
+        # diffusers, without `timestep_spacing`, so every scheduler falls back to its own default.
+        (model_dir / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(SD2_SCHEDULER_CONFIG if sd2 else SD1_SCHEDULER_CONFIG, indent=2))
+        card = {"kind": spec.kind, "seed": spec.seed, "weights": "random", "built_by": "edgediff.builtin"}
+        (model_dir / "edgediff_model.json").write_text(json.dumps(card, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(model_dir, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

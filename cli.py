@@ -1,0 +1,167 @@
+"""The `edgediff` command: demo, export, generate, devices.
+
+Bad input ends in one line, `edgediff: error: ...`, exit status 2, and no file written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .engine.errors import EdgediffError
+
+log = logging.getLogger("edgediff")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="edgediff: %(message)s")
+    logging.getLogger("edgediff").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.run(args) or 0
+    except EdgediffError as e:
+        print(f"edgediff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgediff: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .engine.schedulers import SCHEDULERS
+
+    p = argparse.ArgumentParser(prog="edgediff", description="Stable Diffusion on the hardware you have.")
+    p.add_argument("-v", "--verbose", action="store_true", help="say more about what happens")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="build the built-in model, export it, generate and time an image")
+    demo.add_argument("--out", default="edgediff-demo", help="folder for the pictures (default: %(default)s)")
+    demo.add_argument("--backend", default="auto", help="auto, cpu, cuda, rocm or coreml")
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--seed", type=int, default=42)
+    demo.set_defaults(run=_demo)
+
+    export = sub.add_parser("export", help="export a diffusers model folder to ONNX")
+    export.add_argument("src", help="a diffusers-format model folder")
+    export.add_argument("--out", required=True, help="the folder to write the ONNX model to")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(run=_export)
+
+    gen = sub.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", required=True, help="an exported model folder, or `builtin`")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                     help="default: the one the model folder's scheduler_config.json names")
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=-1, help="-1 for a random seed (default)")
+    gen.add_argument("--batch", type=int, default=1, help="images to make (seeds seed, seed+1, ...)")
+    gen.add_argument("--init-image", default=None, help="img2img: the starting picture")
+    gen.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change it (0-1)")
+    gen.add_argument("--mask", default=None, help="inpainting: white where to paint, black to keep")
+    gen.add_argument("--backend", default="auto", help="auto, cpu, cuda, rocm or coreml")
+    gen.add_argument("--out", default="out.png", help="PNG to write; a batch adds -1, -2, ...")
+    gen.set_defaults(run=_generate)
+
+    devices = sub.add_parser("devices", help="list the backends and what each would run on")
+    devices.set_defaults(run=_devices)
+    return p
+
+
+def _export(args) -> None:
+    from .export.onnx_export import export_onnx
+
+    start = time.perf_counter()
+    reports = export_onnx(args.src, args.out, overwrite=args.overwrite)
+    for r in reports:
+        print(f"{r.name:13s} {r.bytes / 2**20:8.1f} MiB  parity vs PyTorch: relative error {r.relative_error:.1e}")
+    print(f"exported to {args.out} in {time.perf_counter() - start:.1f} s")
+
+
+def _generate(args) -> None:
+    from .engine.images import save_png
+    from .engine.pipeline import Pipeline
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise EdgediffError(f"--out {out} should end in .png")
+    model = _resolve_model(args.model)
+    pipe = Pipeline.from_pretrained(model, backend=args.backend)
+    result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
+                  scheduler=args.scheduler, num_images_per_prompt=args.batch, image=args.init_image,
+                  strength=args.strength, mask_image=args.mask, progress=True)
+    paths = [out] if len(result.images) == 1 else \
+        [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(len(result.images))]
+    for image, params, path in zip(result.images, result.parameters, paths):
+        save_png(image, path, params.a1111())
+        print(f"wrote {path} (seed {params.seed})")
+    print(f"backend: {pipe.device.backend} ({pipe.device.name}); " + _format_timings(result.timings))
+
+
+def _demo(args) -> None:
+    from .builtin import ensure_builtin
+    from .engine.images import save_png
+    from .engine.pipeline import Pipeline
+
+    start = time.perf_counter()
+    model = ensure_builtin()
+    prepared = time.perf_counter() - start
+    print("model: built-in tiny SD 1.x architecture with RANDOM weights (a trained built-in model is still "
+          "to come): expect noise, not a picture")
+    pipe = Pipeline.from_pretrained(model, backend=args.backend)
+    opened = time.perf_counter() - start - prepared
+    print(f"backend: {pipe.device.backend} ({pipe.device.name}); other backends: "
+          + "; ".join(f"{u.backend}: {u.reason}" for u in _unavailable()))
+    prompt = "a red circle on a blue background"
+    result = pipe(prompt, num_inference_steps=args.steps, seed=args.seed, progress=True)
+    path = save_png(result.images[0], Path(args.out) / "demo.png", result.parameters[0].a1111())
+    print(f"prompt: {prompt!r}, {args.steps} steps, {result.parameters[0].sampler}, seed {args.seed}, "
+          f"{result.images[0].width}x{result.images[0].height}")
+    print(f"timings: model build/export (cached) {prepared:.2f} s, session creation {opened:.2f} s, "
+          + _format_timings(result.timings))
+    print(f"wrote {path.resolve()}")
+
+
+def _devices(args) -> None:
+    from .backends import probe_all
+    from .backends.base import Device
+
+    for found in probe_all():
+        if isinstance(found, Device):
+            memory = f", {found.total_memory / 2**30:.1f} GiB" if found.total_memory else ""
+            print(f"{found.backend:7s} available: {found.name}{memory}, providers {', '.join(found.providers)}")
+        else:
+            print(f"{found.backend:7s} unavailable: {found.reason}")
+
+
+def _unavailable():
+    from .backends import probe_all
+    from .backends.base import Unavailable
+
+    return [f for f in probe_all() if isinstance(f, Unavailable)]
+
+
+def _resolve_model(name: str) -> Path:
+    if name == "builtin":
+        from .builtin import ensure_builtin
+
+        return ensure_builtin()
+    return Path(name)
+
+
+def _format_timings(timings: dict[str, float]) -> str:
+    total = sum(timings.values())
+    return ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()) + f", total {total:.2f} s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""One description per exported component, read by the exporter, the sessions and the pipeline alike, so
+that the names, dtypes and dynamic axes they use cannot disagree.
+
+The folder layout and tensor names are those of Hugging Face optimum's ONNX export of a Stable
+Diffusion pipeline, so edgediff runs optimum's folders and optimum's tools read ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name of the fp32 export; a session casts to what the graph really takes
+    axes: tuple[str, ...]  # symbolic names; equal names must be equal sizes
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str  # also the folder: `<model>/<name>/model.onnx`
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    required: bool = True  # txt2img cannot run without it
+
+    @property
+    def onnx_path(self) -> str:
+        return f"{self.name}/model.onnx"
+
+
+TEXT_ENCODER = ComponentSpec(
+    "text_encoder",
+    inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+    outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "sequence", "hidden")),
+             TensorSpec("pooler_output", "float32", ("batch", "hidden"))),
+)
+UNET = ComponentSpec(
+    "unet",
+    inputs=(TensorSpec("sample", "float32", ("batch", "channels", "height", "width")),
+            # float: the sigma-based schedulers give fractional timesteps (diffusers' UNet takes them)
+            TensorSpec("timestep", "float32", ("batch",)),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", "hidden"))),
+    outputs=(TensorSpec("out_sample", "float32", ("batch", "latent_channels", "height", "width")),),
+)
+VAE_ENCODER = ComponentSpec(
+    "vae_encoder",
+    inputs=(TensorSpec("sample", "float32", ("batch", "rgb", "image_height", "image_width")),),
+    # mean and log-variance of the latent posterior, concatenated on channels; the sampling is done by
+    # the pipeline in numpy so that it draws from edgediff's seeded noise, not from a graph's RNG.
+    outputs=(TensorSpec("latent_parameters", "float32", ("batch", "moments", "height", "width")),),
+    required=False,
+)
+VAE_DECODER = ComponentSpec(
+    "vae_decoder",
+    inputs=(TensorSpec("latent_sample", "float32", ("batch", "latent_channels", "height", "width")),),
+    outputs=(TensorSpec("sample", "float32", ("batch", "rgb", "image_height", "image_width")),),
+)
+
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)

@@ -1,0 +1,113 @@
+"""Images in and out: reading init images and masks, converting to and from the VAE's tensors, and
+writing PNGs with their generation parameters in AUTOMATIC1111's format.
+
+The conversions match diffusers' `VaeImageProcessor` (Lanczos resize, [-1, 1] range, masks binarized at
+0.5), so edgediff and diffusers see the same tensors for the same picture.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from .errors import EdgediffError
+
+
+def open_image(image, what: str) -> Image.Image:
+    """A PIL image from a PIL image or a path; `what` names it in the error ("init image", "mask")."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                im.load()
+                return im.copy()
+        except (OSError, ValueError) as e:
+            raise EdgediffError(f"cannot read the {what} {str(image)!r}: {e}") from None
+    raise EdgediffError(f"the {what} must be a PIL image or a path, not {type(image).__name__}")
+
+
+def to_tensor(image: Image.Image, width: int, height: int) -> np.ndarray:
+    """(1, 3, height, width) float32 in [-1, 1], resized with Lanczos where the size differs."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return (array.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+
+
+def mask_to_tensor(mask: Image.Image, width: int, height: int) -> np.ndarray:
+    """(1, 1, height, width) float32 of 0 (keep) and 1 (repaint): grey, resized, binarized at 0.5."""
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), Image.Resampling.LANCZOS)
+    array = np.asarray(mask, dtype=np.float32) / 255.0
+    return (array >= 0.5).astype(np.float32)[None, None]
+
+
+def to_pil(decoded: np.ndarray) -> list[Image.Image]:
+    """VAE output (B, 3, H, W) in [-1, 1] to PIL images, rounded as diffusers rounds."""
+    array = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """What made one image, written as AUTOMATIC1111's `parameters` PNG text chunk, which image
+    browsers and metadata readers of the Stable Diffusion world parse."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str  # AUTOMATIC1111's sampler name, e.g. "Euler a"
+    cfg_scale: float
+    seed: int
+    width: int
+    height: int
+    model: str
+    denoising_strength: float | None = None  # img2img and inpainting only
+
+    def a1111(self) -> str:
+        fields = [("Steps", self.steps), ("Sampler", self.sampler), ("CFG scale", _num(self.cfg_scale)),
+                  ("Seed", self.seed), ("Size", f"{self.width}x{self.height}"), ("Model", self.model)]
+        if self.denoising_strength is not None:
+            fields.append(("Denoising strength", _num(self.denoising_strength)))
+        fields.append(("Version", "edgediff"))
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(", ".join(f"{k}: {_field(v)}" for k, v in fields))
+        return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _field(value) -> str:
+    # A1111 quotes a value that holds its separators.
+    text = str(value)
+    return f'"{text}"' if any(c in text for c in ',:\n"') else text
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
+    """Write a PNG to a temporary name beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,311 @@
+"""The generation pipeline: text to image, image to image and inpainting on exported ONNX components.
+
+    pipe = edgediff.Pipeline.from_pretrained("sd15-onnx", backend="cpu")
+    result = pipe("a red circle on a blue background", seed=42)
+    result.images[0].save("out.png")
+
+The arguments and their meaning follow diffusers' StableDiffusion pipelines, and with the same initial
+latents the images match diffusers' to over 40 dB PSNR (tests/test_parity.py). No torch is imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from . import noise as rnd
+from .components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
+from .errors import EdgediffError
+from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
+from .model_folder import LATENT_CHANNELS, ModelInfo, read_model_folder
+from .schedulers import SCHEDULERS, Scheduler, get_scheduler
+from .tokenizer import ClipTokenizer
+
+log = logging.getLogger("edgediff")
+
+# The diffusers scheduler class a model folder names -> our scheduler, for the default choice.
+DEFAULT_SCHEDULER_FOR_CLASS = {
+    "PNDMScheduler": "pndm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "LCMScheduler": "lcm",
+}
+FALLBACK_SCHEDULER = "euler"
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]  # image k was made from seeds[k]
+    parameters: list[Parameters]  # what made each image, for its PNG metadata
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    cancelled: bool = False  # the callback returned False; `images` is then empty
+
+
+class Pipeline:
+    def __init__(self, model: ModelInfo, backend, device, tokenizer: ClipTokenizer):
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.tokenizer = tokenizer
+        self._sessions: dict[str, object] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backend: str = "auto") -> "Pipeline":
+        """Open an exported model folder on a backend ("auto" picks the best one available)."""
+        from ..backends import select
+
+        model = read_model_folder(path)
+        chosen, device = select(backend)
+        pipe = cls(model, chosen, device, ClipTokenizer.from_folder(model.path / "tokenizer"))
+        for spec in (TEXT_ENCODER, UNET, VAE_DECODER):  # load now, so a broken file fails here, not mid-run
+            pipe._session(spec)
+        return pipe
+
+    def _session(self, spec: ComponentSpec):
+        if spec.name not in self._sessions:
+            if not self.model.has(spec):
+                raise EdgediffError(f"{self.model.path} has no {spec.onnx_path}, which img2img and inpainting "
+                                    "need; export the model again with `edgediff export`")
+            self._sessions[spec.name] = self.backend.open(self.model.component(spec), spec, self.device)
+        return self._sessions[spec.name]
+
+    def default_scheduler(self) -> str:
+        name = DEFAULT_SCHEDULER_FOR_CLASS.get(self.model.scheduler_class, FALLBACK_SCHEDULER)
+        if name == "dpmpp_2m" and dict(self.model.scheduler_config.extras).get("use_karras_sigmas"):
+            name = "dpmpp_2m_karras"
+        return name
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        num_images_per_prompt: int = 1,
+        image=None,
+        strength: float = 0.8,
+        mask_image=None,
+        latents: np.ndarray | None = None,
+        callback: Callable[[int, int, np.ndarray], bool | None] | None = None,
+        progress: bool = False,
+    ) -> GenerationResult:
+        timings: dict[str, float] = {}
+        model = self.model
+
+        # 1. Check inputs and settle sizes, seeds and the schedule.
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = _negatives(negative_prompt, len(prompts))
+        scheduler_name = scheduler or self.default_scheduler()
+        sched: Scheduler = get_scheduler(scheduler_name, model.scheduler_config)
+        init_image = open_image(image, "init image") if image is not None else None
+        mask = open_image(mask_image, "mask") if mask_image is not None else None
+        if mask is not None and init_image is None:
+            raise EdgediffError("a mask needs an init image to inpaint (pass image= / --init-image)")
+        width, height = _size(width, height, init_image, model)
+        if mask is not None and mask.size != init_image.size:
+            log.warning("the mask is %dx%d but the image is %dx%d: resized the mask to the image",
+                        *mask.size, *init_image.size)
+            mask = mask.resize(init_image.size, Image.Resampling.LANCZOS)
+        _check(num_inference_steps, strength, num_images_per_prompt, guidance_scale)
+        batch = len(prompts) * num_images_per_prompt
+        seeds = _seeds(seed, batch)
+        latent_shape = (LATENT_CHANNELS, height // model.vae_scale_factor, width // model.vae_scale_factor)
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != (batch, *latent_shape):
+                raise EdgediffError(f"latents have shape {latents.shape}; this request needs "
+                                    f"{(batch, *latent_shape)} (batch, {LATENT_CHANNELS}, height/8, width/8)")
+        try:
+            schedule, start = (sched.partial_schedule(num_inference_steps, strength) if init_image is not None
+                               else (sched.schedule(num_inference_steps), 0))
+        except ValueError as e:  # e.g. more LCM steps than its distillation schedule has
+            raise EdgediffError(str(e)) from None
+        if start >= len(schedule):
+            raise EdgediffError(f"strength {strength:g} with {num_inference_steps} steps leaves no step to run; "
+                                "raise --strength or --steps")
+        cfg = guidance_scale > 1.0  # diffusers: guidance 1 or less means the conditional pass alone
+
+        # 2. Text: tokens -> embeddings, unconditional first as diffusers batches them.
+        with _timed(timings, "text_encoder"):
+            context = self._encode_text(prompts, negatives if cfg else None,
+                                        num_images_per_prompt)  # (2B or B, 77, D)
+
+        # 3. Initial latents: noise for txt2img; the encoded image noised to the first step otherwise.
+        noise = latents if latents is not None else rnd.batch_noise(seeds, rnd.INITIAL, latent_shape)
+        mask_latents = masked_latents = image_latents = None
+        if init_image is not None:
+            with _timed(timings, "vae_encoder"):
+                pixels = to_tensor(init_image, width, height)  # (1, 3, H, W) in [-1, 1]
+                if mask is not None:
+                    pixel_mask = mask_to_tensor(mask, width, height)  # (1, 1, H, W), 1 = repaint
+                    f = model.vae_scale_factor
+                    # nearest-neighbour downsampling, as torch's interpolate does in diffusers
+                    mask_latents = np.repeat(pixel_mask[:, :, ::f, ::f], batch, axis=0)  # (B, 1, h, w)
+                    masked_pixels = pixels * (pixel_mask < 0.5)
+                if mask is None or model.unet_in_channels == 4 or strength < 1.0:
+                    image_latents = self._encode_image(pixels, seeds, rnd.POSTERIOR)  # (B, 4, h, w)
+                if mask is not None and model.is_inpainting:
+                    masked_latents = self._encode_image(masked_pixels, seeds, rnd.MASKED_POSTERIOR)  # (B, 4, h, w)
+        if image_latents is None or (mask is not None and strength >= 1.0):
+            x = noise * np.float32(schedule.init_noise_sigma)
+        else:
+            x = sched.add_noise(schedule, start, image_latents, noise).astype(np.float32)
+        extra = None
+        if model.is_inpainting:
+            if masked_latents is None:
+                raise EdgediffError(f"{model.name} is an inpainting model: give it an image and a mask")
+            extra = np.concatenate([mask_latents, masked_latents], axis=1)  # (B, 5, h, w)
+            extra = np.concatenate([extra, extra]) if cfg else extra
+
+        # 4. Denoise: UNet on (uncond, cond), guidance, scheduler step.
+        state = None
+        steps = range(start, len(schedule))
+        bar = _progress(len(steps), progress)
+        for n, i in enumerate(steps):
+            model_input = np.concatenate([x, x]) if cfg else x  # (2B, 4, h, w)
+            model_input = sched.scale_model_input(schedule, i, model_input)
+            if extra is not None:
+                model_input = np.concatenate([model_input, extra], axis=1)  # (2B, 9, h, w)
+            t = np.full((model_input.shape[0],), schedule.timesteps[i], dtype=np.float32)
+            with _timed(timings, "unet"):
+                out = self._session(UNET).run(sample=model_input, timestep=t,
+                                              encoder_hidden_states=context)["out_sample"]
+            if cfg:
+                uncond, cond = np.split(out, 2)
+                out = uncond + np.float32(guidance_scale) * (cond - uncond)
+            step_noise = rnd.batch_noise(seeds, rnd.STEP, latent_shape, step=i) if sched.stochastic else None
+            x, state = sched.step(schedule, i, x, out, state, step_noise)
+            x = x.astype(np.float32, copy=False)
+            if mask is not None and not model.is_inpainting:
+                # A plain model inpaints by pasting the original, noised to the next level, outside the mask.
+                known = image_latents
+                if i + 1 < len(schedule):
+                    known = sched.add_noise(schedule, i + 1, image_latents, noise)
+                x = (1 - mask_latents) * known + mask_latents * x
+            bar.update(1)
+            if callback is not None and callback(n, len(steps), x) is False:
+                bar.close()
+                log.info("generation cancelled by the callback after step %d of %d", n + 1, len(steps))
+                return GenerationResult([], seeds, [], timings, cancelled=True)
+        bar.close()
+
+        # 5. Decode, one image at a time: the VAE decoder's activations are the largest of the run.
+        with _timed(timings, "vae_decoder"):
+            decoded = [self._session(VAE_DECODER).run(latent_sample=x[k:k + 1] / np.float32(model.scaling_factor))
+                       ["sample"] for k in range(batch)]
+        images = to_pil(np.concatenate(decoded))
+
+        # 6. What made each image, for the PNG metadata.
+        sampler = SCHEDULERS[scheduler_name].a1111_name
+        strength_note = strength if init_image is not None else None
+        params = [Parameters(prompts[k // num_images_per_prompt], negatives[k // num_images_per_prompt],
+                             num_inference_steps, sampler, guidance_scale, seeds[k], width, height, model.name,
+                             strength_note) for k in range(batch)]
+        return GenerationResult(images, seeds, params, timings)
+
+    def _encode_text(self, prompts: list[str], negatives: list[str] | None, per_prompt: int) -> np.ndarray:
+        texts = prompts if negatives is None else negatives + prompts
+        encoded = self.tokenizer.encode(texts)
+        for text, dropped in zip(texts, encoded.dropped):
+            if dropped:
+                log.warning("prompt truncated: CLIP reads %d tokens, the last %d of %r were dropped",
+                            self.tokenizer.max_length - 2, dropped, text[:60])
+        hidden = self._session(TEXT_ENCODER).run(input_ids=encoded.ids)["last_hidden_state"]
+        # Each prompt's embedding repeated for its images, consecutively (diffusers' order).
+        return np.repeat(hidden.astype(np.float32, copy=False), per_prompt, axis=0)
+
+    def _encode_image(self, pixels: np.ndarray, seeds: list[int], purpose: int) -> np.ndarray:
+        """Posterior sample of the VAE encoder, scaled, one per image: mean + std * noise(seed)."""
+        outputs = self._session(VAE_ENCODER).run(sample=pixels)
+        if "latent_parameters" in outputs:
+            mean, logvar = np.split(outputs["latent_parameters"], 2, axis=1)
+            std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
+            eps = rnd.batch_noise(seeds, purpose, mean.shape[1:])
+            sample = mean + std * eps
+        else:  # optimum's older exports sample inside the graph
+            sample = np.repeat(next(iter(outputs.values())), len(seeds), axis=0)
+        return (sample * np.float32(self.model.scaling_factor)).astype(np.float32)
+
+
+def _negatives(negative_prompt, n: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * n
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * n
+    negatives = list(negative_prompt)
+    if len(negatives) != n:
+        raise EdgediffError(f"{len(negatives)} negative prompts for {n} prompts; give one per prompt")
+    return negatives
+
+
+def _size(width, height, init_image, model: ModelInfo) -> tuple[int, int]:
+    """As diffusers: an unset side is the init image's (rounded down to a multiple of the VAE's factor)
+    or the model's native size."""
+    f = model.vae_scale_factor
+    if init_image is not None:
+        width = width or init_image.size[0] // f * f
+        height = height or init_image.size[1] // f * f
+    width, height = width or model.native_size, height or model.native_size
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value <= 0 or value % f:
+            raise EdgediffError(f"{name} {value} is not a positive multiple of {f}; try "
+                                f"{max(f, round(value / f) * f) if isinstance(value, (int, float)) else 512}")
+    return width, height
+
+
+def _check(steps, strength, per_prompt, guidance) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise EdgediffError(f"steps must be a whole number of at least 1, not {steps!r}")
+    if not 0.0 <= strength <= 1.0:
+        raise EdgediffError(f"strength must be between 0 and 1, not {strength:g}")
+    if not isinstance(per_prompt, int) or per_prompt < 1:
+        raise EdgediffError(f"images per prompt must be at least 1, not {per_prompt!r}")
+    if guidance < 0:
+        raise EdgediffError(f"guidance scale must not be negative, not {guidance:g}")
+
+
+def _seeds(seed: int | None, batch: int) -> list[int]:
+    if seed is None or seed == -1:  # -1 is AUTOMATIC1111's "random"
+        seed = rnd.random_seed()
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= rnd.MAX_SEED:
+        raise EdgediffError(f"seed must be a whole number from 0 to {rnd.MAX_SEED} (or -1 for random), not {seed!r}")
+    return [(int(seed) + k) % (rnd.MAX_SEED + 1) for k in range(batch)]
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool):
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="denoising", unit="step", leave=False)

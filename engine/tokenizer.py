@@ -1,0 +1,116 @@
+"""CLIP's byte-level BPE tokenizer, read from a model folder's `tokenizer/` without transformers.
+
+The `tokenizers` package (the Rust core of Hugging Face's fast tokenizers, about 3 MB) does the BPE; we
+only assemble CLIP's normalizer and pre-tokenizer around the folder's `vocab.json` and `merges.txt`,
+because transformers itself would bring torch-sized dependencies into the run time. A `tokenizer.json`,
+where the folder has one, is used as it is. tests/test_tokenizer.py checks the ids against
+transformers' `CLIPTokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from .errors import EdgediffError
+
+log = logging.getLogger("edgediff")
+
+# CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py): contractions, runs of letters, single
+# digits, runs of other symbols. Special tokens are matched whole so that a prompt may spell them.
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+MODEL_MAX_LENGTH = 77  # CLIP's context: start token, 75 prompt tokens, end token
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: np.ndarray  # (batch, max_length) int64
+    dropped: tuple[int, ...]  # per prompt, how many tokens truncation removed
+
+
+class ClipTokenizer:
+    def __init__(self, tokenizer: Tokenizer, bos: str, eos: str, pad: str, max_length: int = MODEL_MAX_LENGTH):
+        self._tok = tokenizer
+        self.max_length = max_length
+        ids = [tokenizer.token_to_id(t) for t in (bos, eos, pad)]
+        if None in ids:
+            missing = [t for t, i in zip((bos, eos, pad), ids) if i is None]
+            raise EdgediffError(f"tokenizer vocabulary lacks the special token(s) {missing}")
+        self.bos_id, self.eos_id, self.pad_id = ids
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "ClipTokenizer":
+        folder = Path(folder)
+        cfg = _read_json(folder / "tokenizer_config.json")
+        special = _read_json(folder / "special_tokens_map.json")
+
+        def token(name: str, default: str) -> str:
+            value = cfg.get(name) or special.get(name) or default
+            return value["content"] if isinstance(value, dict) else str(value)
+
+        bos = token("bos_token", "<|startoftext|>")
+        eos = token("eos_token", "<|endoftext|>")
+        # SD 1.x pads with the end token; SD 2.x's tokenizer_config says "!" (id 0). Each model was
+        # trained with its own padding, so the folder decides.
+        pad = token("pad_token", eos)
+        unk = token("unk_token", eos)
+        max_length = int(cfg.get("model_max_length", MODEL_MAX_LENGTH))
+        if max_length > 10_000:  # transformers writes a huge sentinel when no length was set
+            max_length = MODEL_MAX_LENGTH
+
+        if (folder / "tokenizer.json").is_file():
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            tok.no_padding()
+            tok.no_truncation()
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            tok = build_clip_bpe(folder / "vocab.json", folder / "merges.txt", unk)
+            # As transformers does: the special tokens are matched whole even inside a prompt.
+            tok.add_special_tokens(list(dict.fromkeys([bos, eos, unk])))
+        else:
+            raise EdgediffError(f"{folder}: no tokenizer found (need tokenizer.json, or vocab.json and "
+                                "merges.txt); export the model again with `edgediff export`")
+        return cls(tok, bos, eos, pad, max_length)
+
+    def encode(self, prompts: list[str]) -> Encoded:
+        """Ids padded to `max_length`: [start] prompt tokens [end] [pad]..., truncated like diffusers."""
+        room = self.max_length - 2
+        rows, dropped = [], []
+        for enc in self._tok.encode_batch(prompts, add_special_tokens=False):
+            body = enc.ids
+            dropped.append(max(len(body) - room, 0))
+            row = [self.bos_id, *body[:room], self.eos_id]
+            rows.append(row + [self.pad_id] * (self.max_length - len(row)))
+        return Encoded(np.asarray(rows, dtype=np.int64), tuple(dropped))
+
+
+def build_clip_bpe(vocab_path: Path, merges_path: Path, unk: str) -> Tokenizer:
+    """CLIP's tokenizer from the two files every CLIP checkpoint ships (what transformers' CLIPTokenizer
+    assembles too): NFC, whitespace folded, lowercase; CLIP's split; byte-level BPE with `</w>` ends."""
+    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    lines = merges_path.read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                        end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EdgediffError(f"{path} cannot be read: {e}") from None

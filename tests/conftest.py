@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny Stable Diffusion models built with diffusers' real classes, exported once per
+test session. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgediff.builtin.random_model import TinySpec, build_random_model
+
+
+class TinyModels:
+    def __init__(self, root):
+        self.root = root
+        self._built: dict[str, tuple] = {}
+
+    def __call__(self, kind: str):
+        """(diffusers folder, exported ONNX folder) of a tiny model: "sd1", "sd2" or "inpaint"."""
+        if kind not in self._built:
+            from edgediff.export.onnx_export import export_onnx
+
+            src = build_random_model(self.root / f"{kind}-diffusers", TinySpec(kind=kind, seed=1))
+            onnx = self.root / f"{kind}-onnx"
+            export_onnx(src, onnx)
+            self._built[kind] = (src, onnx)
+        return self._built[kind]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TinyModels:
+    return TinyModels(tmp_path_factory.mktemp("tiny-models"))
