@@ -111,10 +111,10 @@ class Pipeline:
         negatives = _negatives(negative_prompt, len(prompts))
         scheduler_name = scheduler or self.default_scheduler()
         sched: Scheduler = get_scheduler(scheduler_name, model.scheduler_config)
+        if mask_image is not None and image is None:
+            raise EdgediffError("a mask needs an init image to inpaint (pass image= / --init-image)")
         init_image = open_image(image, "init image") if image is not None else None
         mask = open_image(mask_image, "mask") if mask_image is not None else None
-        if mask is not None and init_image is None:
-            raise EdgediffError("a mask needs an init image to inpaint (pass image= / --init-image)")
         width, height = _size(width, height, init_image, model)
         if mask is not None and mask.size != init_image.size:
             log.warning("the mask is %dx%d but the image is %dx%d: resized the mask to the image",
@@ -134,7 +134,7 @@ class Pipeline:
                                else (sched.schedule(num_inference_steps), 0))
         except ValueError as e:  # e.g. more LCM steps than its distillation schedule has
             raise EdgediffError(str(e)) from None
-        if start >= len(schedule):
+        if init_image is not None and int(num_inference_steps * strength) < 1:  # diffusers' rule
             raise EdgediffError(f"strength {strength:g} with {num_inference_steps} steps leaves no step to run; "
                                 "raise --strength or --steps")
         cfg = guidance_scale > 1.0  # diffusers: guidance 1 or less means the conditional pass alone

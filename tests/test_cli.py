@@ -1,0 +1,145 @@
+"""The `edgediff` command: files it writes, and the one-line errors it gives instead of writing them."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from PIL import Image
+from pictures import centre_mask, scene
+
+from edgediff.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *words):
+    lines = [line for line in err.splitlines() if line.startswith("edgediff: error:")]
+    assert code == 2
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_generate_writes_png_with_a1111_parameters(tiny, tmp_path, capsys):
+    out = tmp_path / "pic.png"
+    code, stdout, _ = run(capsys, "generate", "a red circle", "--model", str(tiny("sd1")[1]), "--negative",
+                          "blurry, bad", "--steps", "3", "--seed", "42", "--scheduler", "euler_a",
+                          "--guidance", "6.5", "--out", str(out))
+    assert code == 0, stdout
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert image.text["parameters"] == (
+        "a red circle\nNegative prompt: blurry, bad\n"
+        f"Steps: 3, Sampler: Euler a, CFG scale: 6.5, Seed: 42, Size: 64x64, Model: {tiny('sd1')[0].name}, "
+        "Version: edgediff")
+    assert [p.name for p in tmp_path.iterdir()] == ["pic.png"]  # no temporary file left behind
+
+
+def test_batch_writes_one_file_per_seed(tiny, tmp_path, capsys):
+    out = tmp_path / "b.png"
+    code, stdout, _ = run(capsys, "generate", "a star", "--model", str(tiny("sd1")[1]), "--steps", "2",
+                          "--seed", "7", "--batch", "2", "--width", "48", "--height", "32", "--out", str(out))
+    assert code == 0
+    seeds = [Image.open(tmp_path / f"b-{k}.png").text["parameters"].split("Seed: ")[1].split(",")[0]
+             for k in (1, 2)]
+    assert seeds == ["7", "8"]
+    assert Image.open(tmp_path / "b-1.png").size == (48, 32)
+
+
+def test_img2img_and_inpainting_from_the_command_line(tiny, tmp_path, capsys):
+    scene().save(tmp_path / "in.png")
+    centre_mask().save(tmp_path / "mask.png")
+    code, _, _ = run(capsys, "generate", "a cat", "--model", str(tiny("sd1")[1]), "--steps", "4",
+                     "--init-image", str(tmp_path / "in.png"), "--strength", "0.5", "--out", str(tmp_path / "i.png"))
+    assert code == 0
+    assert "Denoising strength: 0.5" in Image.open(tmp_path / "i.png").text["parameters"]
+    code, _, _ = run(capsys, "generate", "a cat", "--model", str(tiny("inpaint")[1]), "--steps", "3",
+                     "--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                     "--out", str(tmp_path / "p.png"))
+    assert code == 0 and (tmp_path / "p.png").is_file()
+
+
+@pytest.fixture
+def broken_models(tiny, tmp_path):
+    """Copies of the exported tiny model with one component missing, and one corrupt."""
+    good = tiny("sd1")[1]
+    missing = shutil.copytree(good, tmp_path / "missing")
+    (missing / "unet" / "model.onnx").unlink()
+    corrupt = shutil.copytree(good, tmp_path / "corrupt")
+    (corrupt / "vae_decoder" / "model.onnx").write_bytes(b"not an onnx model at all")
+    return missing, corrupt
+
+
+@pytest.mark.parametrize("case, extra, words", [
+    ("missing", [], ["unet/model.onnx", "export"]),
+    ("corrupt", [], ["vae_decoder/model.onnx", "not a valid ONNX model"]),
+    ("width", ["--width", "100"], ["width 100", "multiple of 8"]),
+    ("height", ["--height", "65"], ["height 65", "multiple of 8"]),
+    ("steps", ["--steps", "0"], ["steps", "at least 1"]),
+    ("image", ["--init-image", "NOFILE.png"], ["init image", "NOFILE.png"]),
+    ("mask", ["--init-image", "IN.png", "--mask", "BAD.png"], ["mask", "BAD.png"]),
+    ("nomodel", [], ["does not exist"]),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny, broken_models, tmp_path, capsys, case, extra, words):
+    missing, corrupt = broken_models
+    model = {"missing": missing, "corrupt": corrupt, "nomodel": tmp_path / "nowhere"}.get(case, tiny("sd1")[1])
+    scene().save(tmp_path / "IN.png")
+    (tmp_path / "BAD.png").write_bytes(b"\x89PNG but not really")
+    extra = [str(tmp_path / a) if a.endswith(".png") else a for a in extra]
+    out = tmp_path / "out" / "x.png"
+    code, _, err = run(capsys, "generate", "a cat", "--model", str(model), "--steps", "2", *extra,
+                       "--out", str(out))
+    one_line_error(code, err, *words)
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_unknown_scheduler_is_refused(tiny, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's own one-line refusal, listing the choices
+        main(["generate", "x", "--model", str(tiny("sd1")[1]), "--scheduler", "heun"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'heun'" in err and "euler_a" in err and "Traceback" not in err
+
+
+def test_unknown_scheduler_in_the_api(tiny):
+    from edgediff import EdgediffError, Pipeline
+
+    with pytest.raises(EdgediffError, match="unknown scheduler 'heun'.*euler_a"):
+        Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu")("x", scheduler="heun")
+
+
+def test_mask_of_another_size_is_resized_with_a_warning(tiny, tmp_path, capsys, caplog):
+    scene(64, 64).save(tmp_path / "in.png")
+    centre_mask(32, 32).save(tmp_path / "m.png")
+    code, _, _ = run(capsys, "generate", "a cat", "--model", str(tiny("inpaint")[1]), "--steps", "2",
+                     "--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"),
+                     "--out", str(tmp_path / "o.png"))
+    assert code == 0
+    assert "the mask is 32x32 but the image is 64x64: resized the mask" in caplog.text
+    assert Image.open(tmp_path / "o.png").size == (64, 64)
+
+
+def test_export_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    code, _, err = run(capsys, "export", str(tmp_path / "src"), "--out", str(tmp_path / "o"))
+    one_line_error(code, err, "not a diffusers Stable Diffusion folder", "model_index.json")
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no partial folder left
+
+
+def test_export_writes_optimum_layout(tiny, tmp_path, capsys):
+    code, stdout, _ = run(capsys, "export", str(tiny("sd2")[0]), "--out", str(tmp_path / "o"))
+    assert code == 0
+    for part in ("model_index.json", "text_encoder/model.onnx", "unet/model.onnx", "vae_encoder/model.onnx",
+                 "vae_decoder/model.onnx", "tokenizer", "scheduler/scheduler_config.json",
+                 "edgediff_export.json"):
+        assert (tmp_path / "o" / part).exists(), part
+    assert "parity vs PyTorch" in stdout
+    code, _, err = run(capsys, "export", str(tiny("sd2")[0]), "--out", str(tmp_path / "o"))
+    one_line_error(code, err, "already exists", "--overwrite")

@@ -1,0 +1,120 @@
+"""Pipeline behaviour beyond parity: reproducible stochastic samplers, cancel, sizes, seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgediff import EdgediffError, Pipeline
+from edgediff.engine import noise
+
+_pipes: dict = {}
+
+
+def pipe(tiny, kind="sd1") -> Pipeline:
+    if kind not in _pipes:
+        _pipes[kind] = Pipeline.from_pretrained(tiny(kind)[1], backend="cpu")
+    return _pipes[kind]
+
+
+def pixels(result, k=0):
+    return np.asarray(result.images[k], dtype=np.int16)
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "lcm"])
+def test_stochastic_samplers_are_reproducible_from_the_seed(tiny, scheduler):
+    p = pipe(tiny)
+    steps = 4
+    a = p("a red circle", seed=123, num_inference_steps=steps, scheduler=scheduler)
+    b = p("a red circle", seed=123, num_inference_steps=steps, scheduler=scheduler)
+    c = p("a red circle", seed=124, num_inference_steps=steps, scheduler=scheduler)
+    assert np.array_equal(pixels(a), pixels(b))
+    assert np.abs(pixels(a) - pixels(c)).mean() > 1.0
+    # The per-step noise matters: same initial latents, different step noise, different picture.
+    latents = noise.batch_noise([123], noise.INITIAL, (4, 8, 8))
+    d = p("a red circle", seed=999, latents=latents, num_inference_steps=steps, scheduler=scheduler)
+    assert np.abs(pixels(a) - pixels(d)).mean() > 0.5
+
+
+def test_image_k_of_a_batch_is_the_single_image_of_seed_plus_k(tiny):
+    p = pipe(tiny)
+    batch = p("a blue square", seed=40, num_images_per_prompt=3, num_inference_steps=3, scheduler="euler_a")
+    assert batch.seeds == [40, 41, 42]
+    single = p("a blue square", seed=42, num_inference_steps=3, scheduler="euler_a")
+    assert np.abs(pixels(batch, 2) - pixels(single)).max() <= 1  # batched vs single ONNX runs: rounding
+
+
+def test_callback_sees_every_step_and_can_cancel(tiny):
+    p = pipe(tiny)
+    seen = []
+    p("a cat", seed=1, num_inference_steps=5, scheduler="euler",
+      callback=lambda step, total, latents: seen.append((step, total, latents.shape)))
+    assert seen == [(i, 5, (1, 4, 8, 8)) for i in range(5)]
+    calls = []
+
+    def stop_after_two(step, total, latents):
+        calls.append(step)
+        return step < 1
+
+    result = p("a cat", seed=1, num_inference_steps=5, scheduler="euler", callback=stop_after_two)
+    assert result.cancelled and result.images == [] and calls == [0, 1]
+
+
+def test_default_size_and_scheduler_come_from_the_model_folder(tiny):
+    p = pipe(tiny, "sd2")
+    assert p.default_scheduler() == "ddim"  # the SD 2.1 scheduler_config names DDIMScheduler
+    result = p("a cat", seed=1, num_inference_steps=2)
+    assert result.images[0].size == (64, 64)  # sample_size 8 x VAE factor 8
+    assert result.parameters[0].sampler == "DDIM"
+    assert pipe(tiny).default_scheduler() == "pndm"  # SD 1.5's config names PNDMScheduler
+
+
+def test_img2img_size_follows_the_init_image(tiny):
+    from pictures import scene
+
+    result = pipe(tiny)("a cat", image=scene(83, 50), strength=0.5, seed=2, num_inference_steps=4)
+    assert result.images[0].size == (80, 48)  # rounded down to multiples of 8, as diffusers does
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(strength=1.5), "strength must be between 0 and 1"),
+    (dict(num_images_per_prompt=0), "images per prompt"),
+    (dict(seed=2**40), "seed must be"),
+    (dict(latents=np.zeros((1, 4, 4, 4), np.float32)), "latents have shape"),
+    (dict(negative_prompt=["a", "b"]), "2 negative prompts for 1 prompts"),
+    (dict(mask_image="x.png"), "a mask needs an init image"),
+])
+def test_bad_arguments_are_refused_before_any_work(tiny, kwargs, words):
+    with pytest.raises(EdgediffError, match=words):
+        pipe(tiny)("a cat", num_inference_steps=2, **kwargs)
+
+
+def test_strength_too_low_for_the_step_count(tiny):
+    from pictures import scene
+
+    with pytest.raises(EdgediffError, match="leaves no step to run"):
+        pipe(tiny)("a cat", image=scene(), strength=0.05, num_inference_steps=10)
+
+
+def test_inpainting_model_without_mask_says_what_it_needs(tiny):
+    with pytest.raises(EdgediffError, match="inpainting model"):
+        pipe(tiny, "inpaint")("a cat", num_inference_steps=2)
+
+
+def test_plain_model_inpainting_keeps_the_unmasked_region(tiny):
+    """A 4-channel model inpaints by pasting the noised original outside the mask every step, so the
+    final latents there are the image's own (diffusers' StableDiffusionInpaintPipeline)."""
+    from pictures import centre_mask, scene
+
+    p = pipe(tiny)
+    inpainted = p("a cat", image=scene(), mask_image=centre_mask(), strength=1.0, seed=3, num_inference_steps=6,
+                  scheduler="ddim")
+    img2img = p("a cat", image=scene(), strength=1.0, seed=3, num_inference_steps=6, scheduler="ddim")
+    a, b = pixels(inpainted).astype(float), pixels(img2img).astype(float)
+    border = np.ones((64, 64), bool)
+    border[8:56, 8:56] = False  # away from the mask edge, where the VAE mixes the two regions
+    centre = np.zeros((64, 64), bool)
+    centre[24:40, 24:40] = True
+    reconstruction = np.asarray(scene(), dtype=float)
+    assert np.abs(a[border] - reconstruction[border]).mean() < np.abs(b[border] - reconstruction[border]).mean()
+    assert np.abs(a[centre] - b[centre]).mean() < np.abs(a[border] - b[border]).mean() + 50
