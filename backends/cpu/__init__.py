@@ -18,6 +18,16 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
 def _memory() -> tuple[int | None, int | None]:
     """Total and available host memory in bytes, from /proc/meminfo where there is one."""
     try:
@@ -39,7 +49,7 @@ class CpuBackend:
         if "CPUExecutionProvider" not in ort.get_available_providers():
             return Unavailable(self.name, "this onnxruntime build has no CPU execution provider")
         total, free = _memory()
-        name = platform.processor() or platform.machine() or "CPU"
+        name = _cpu_name()
         return Device(self.name, f"{name} ({_cores()} cores)", ("CPUExecutionProvider",),
                       total_memory=total, free_memory=free, unified_memory=True)
 

@@ -126,7 +126,7 @@ def _demo(args) -> None:
     path = save_png(result.images[0], Path(args.out) / "demo.png", result.parameters[0].a1111())
     print(f"prompt: {prompt!r}, {args.steps} steps, {result.parameters[0].sampler}, seed {args.seed}, "
           f"{result.images[0].width}x{result.images[0].height}")
-    print(f"timings: model build/export (cached) {prepared:.2f} s, session creation {opened:.2f} s, "
+    print(f"timings: model build and export (first run only) {prepared:.2f} s, sessions {opened:.2f} s; "
           + _format_timings(result.timings))
     print(f"wrote {path.resolve()}")
 
@@ -159,8 +159,10 @@ def _resolve_model(name: str) -> Path:
 
 
 def _format_timings(timings: dict[str, float]) -> str:
-    total = sum(timings.values())
-    return ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()) + f", total {total:.2f} s"
+    def fmt(seconds: float) -> str:
+        return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+    return ", ".join(f"{k} {fmt(v)}" for k, v in timings.items()) + f", total {fmt(sum(timings.values()))}"
 
 
 if __name__ == "__main__":
