@@ -121,6 +121,11 @@ class Pipeline:
                         *mask.size, *init_image.size)
             mask = mask.resize(init_image.size, Image.Resampling.LANCZOS)
         _check(num_inference_steps, strength, num_images_per_prompt, guidance_scale)
+        if init_image is not None and int(num_inference_steps * strength) < 1:  # diffusers' rule
+            raise EdgediffError(f"strength {strength:g} with {num_inference_steps} steps leaves no step to run; "
+                                "raise --strength or --steps")
+        if model.is_inpainting and mask is None:
+            raise EdgediffError(f"{model.name} is an inpainting model: give it an image and a mask")
         batch = len(prompts) * num_images_per_prompt
         seeds = _seeds(seed, batch)
         latent_shape = (LATENT_CHANNELS, height // model.vae_scale_factor, width // model.vae_scale_factor)
@@ -134,9 +139,6 @@ class Pipeline:
                                else (sched.schedule(num_inference_steps), 0))
         except ValueError as e:  # e.g. more LCM steps than its distillation schedule has
             raise EdgediffError(str(e)) from None
-        if init_image is not None and int(num_inference_steps * strength) < 1:  # diffusers' rule
-            raise EdgediffError(f"strength {strength:g} with {num_inference_steps} steps leaves no step to run; "
-                                "raise --strength or --steps")
         cfg = guidance_scale > 1.0  # diffusers: guidance 1 or less means the conditional pass alone
 
         # 2. Text: tokens -> embeddings, unconditional first as diffusers batches them.
@@ -166,8 +168,6 @@ class Pipeline:
             x = sched.add_noise(schedule, start, image_latents, noise).astype(np.float32)
         extra = None
         if model.is_inpainting:
-            if masked_latents is None:
-                raise EdgediffError(f"{model.name} is an inpainting model: give it an image and a mask")
             extra = np.concatenate([mask_latents, masked_latents], axis=1)  # (B, 5, h, w)
             extra = np.concatenate([extra, extra]) if cfg else extra
 
