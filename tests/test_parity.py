@@ -1,7 +1,8 @@
 """edgediff on CPU against diffusers' pipelines (torch, fp32, CPU), same weights, same noise.
 
-Done-when of the foundation issue: PSNR >= 40 dB for every deterministic scheduler, txt2img and
-img2img on the tiny SD 1.x and SD 2.x models, inpainting on the inpainting model.
+Done-when of the foundation issue: PSNR >= 40 dB (held here at 60 dB, see MIN_PSNR) for every
+deterministic scheduler, txt2img and img2img on the tiny SD 1.x and SD 2.x models, inpainting on the
+inpainting model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from edgediff import Pipeline
 from edgediff.engine import noise
 from edgediff.engine.metrics import psnr
 
-MIN_PSNR = 40.0
+# The issue's bar is 40 dB. fp32 ONNX against fp32 torch gives 83 dB or more here (identical 8-bit
+# images in about half the cases), and on random-weight models some real mistakes stay above 40 dB
+# (guidance 5 instead of 7.5 is 45 dB on the tiny SD 1.x model), so the tests hold the tighter bar.
+MIN_PSNR = 60.0
 DETERMINISTIC = {
     "pndm": (PNDMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
@@ -36,11 +40,14 @@ def reference(tiny, kind: str, cls, scheduler: str):
     """A diffusers pipeline of class `cls` on the tiny model, with the named scheduler."""
     key = (kind, cls)
     if key not in _pipes:
-        _pipes[key] = cls.from_pretrained(tiny(kind)[0], safety_checker=None, requires_safety_checker=False)
-        _pipes[key].set_progress_bar_config(disable=True)
-    pipe = _pipes[key]
+        pipe = cls.from_pretrained(tiny(kind)[0], safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        _pipes[key] = pipe, pipe.scheduler.config  # the folder's config, before any swap
+    pipe, config = _pipes[key]
     sched_cls, extra = DETERMINISTIC[scheduler]
-    pipe.scheduler = sched_cls.from_config(pipe.scheduler.config, **extra)
+    # From the folder's config every time: a swapped-in scheduler's config carries its own keys
+    # (use_karras_sigmas) into the next one, as it would for a diffusers user.
+    pipe.scheduler = sched_cls.from_config(config, **extra)
     return pipe
 
 
