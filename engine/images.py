@@ -111,3 +111,30 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def contact_sheet(images: list[Image.Image], captions: list[str], columns: int = 3, tile: int = 256) -> Image.Image:
+    """A grid of the images, each enlarged to `tile` pixels (nearest neighbour: the pixels stay honest)
+    with its caption underneath."""
+    from PIL import ImageDraw
+
+    rows = (len(images) + columns - 1) // columns
+    caption_height = 34
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + caption_height)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (k % columns) * tile, (k // columns) * (tile + caption_height)
+        sheet.paste(image.resize((tile, tile), Image.Resampling.NEAREST), (x, y))
+        words, lines = caption.split(), [""]
+        for word in words:  # wrap to the tile's width, at most two lines
+            trial = f"{lines[-1]} {word}".strip()
+            if draw.textlength(trial) <= tile - 8 or not lines[-1]:
+                lines[-1] = trial
+            elif len(lines) < 2:
+                lines.append(word)
+            else:
+                lines[-1] += "..."
+                break
+        for i, line in enumerate(lines):
+            draw.text((x + 4, y + tile + 3 + 14 * i), line, fill=(0, 0, 0))
+    return sheet

@@ -30,6 +30,7 @@ class ModelInfo:
     scaling_factor: float  # latents are scaled by this before the UNet sees them
     scheduler_config: SchedulerConfig
     scheduler_class: str  # diffusers class named in scheduler_config.json, to pick the default
+    export_manifest: dict  # edgediff_export.json (dtype, attention, parity); empty for optimum's folders
 
     @property
     def native_size(self) -> int:
@@ -68,7 +69,8 @@ def read_model_folder(path: str | Path) -> ModelInfo:
     if isinstance(sample_size, (list, tuple)):
         sample_size = sample_size[0]
     blocks = vae.get("block_out_channels")
-    name = _config(path / "edgediff_export.json").get("name") or path.resolve().name
+    manifest = _config(path / "edgediff_export.json")
+    name = manifest.get("name") or path.resolve().name
     try:
         scheduler_config = SchedulerConfig.from_dict(scheduler_raw)
     except TypeError as e:
@@ -82,6 +84,7 @@ def read_model_folder(path: str | Path) -> ModelInfo:
         scaling_factor=float(vae.get("scaling_factor", VAE_SCALING_FACTOR)),
         scheduler_config=scheduler_config,
         scheduler_class=str(scheduler_raw.get("_class_name", "")),
+        export_manifest=manifest,
     )
 
 

@@ -64,6 +64,10 @@ class Pipeline:
         """Open an exported model folder on a backend ("auto" picks the best one available)."""
         from ..backends import select
 
+        if str(path) == "builtin":
+            from ..builtin import ensure_builtin
+
+            path = ensure_builtin()
         model = read_model_folder(path)
         chosen, device = select(backend)
         pipe = cls(model, chosen, device, ClipTokenizer.from_folder(model.path / "tokenizer"))
@@ -78,6 +82,14 @@ class Pipeline:
                                     "need; export the model again with `edgediff export`")
             self._sessions[spec.name] = self.backend.open(self.model.component(spec), spec, self.device)
         return self._sessions[spec.name]
+
+    def describe(self) -> str:
+        """One line on how this pipeline runs: what a user (or a bug report) needs to know."""
+        manifest = self.model.export_manifest
+        loaded = ", ".join(f"{name} {session.providers[0]}" for name, session in self._sessions.items())
+        return (f"{manifest.get('dtype', 'fp32')} weights, {manifest.get('attention', 'standard')} attention, "
+                f"classifier-free guidance batched (2 images per UNet call), components resident: {loaded}; "
+                f"VAE decode whole, one image at a time")
 
     def default_scheduler(self) -> str:
         name = DEFAULT_SCHEDULER_FOR_CLASS.get(self.model.scheduler_class, FALLBACK_SCHEDULER)
