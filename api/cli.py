@@ -93,8 +93,7 @@ def _generate(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise EdgediffError(f"--out {out} should end in .png")
-    model = _resolve_model(args.model)
-    pipe = Pipeline.from_pretrained(model, backend=args.backend)
+    pipe = Pipeline.from_pretrained(args.model, backend=args.backend)
     result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   scheduler=args.scheduler, num_images_per_prompt=args.batch, image=args.init_image,
@@ -107,28 +106,48 @@ def _generate(args) -> None:
     print(f"backend: {pipe.device.backend} ({pipe.device.name}); " + _format_timings(result.timings))
 
 
+DEMO_CAPTIONS = (
+    "a red circle on a blue background",
+    "a small yellow square in the top left corner on a green background",
+    "a large white star on a purple background",
+    "a blue triangle in the bottom right corner on a yellow background",
+    "a orange diamond at the top on a black background",
+    "a pink circle on the right on a cyan background",
+)
+
+
 def _demo(args) -> None:
     from .builtin import ensure_builtin
-    from .engine.images import save_png
+    from .engine.images import contact_sheet, save_png
     from .engine.pipeline import Pipeline
 
     start = time.perf_counter()
     model = ensure_builtin()
     prepared = time.perf_counter() - start
-    print("model: built-in tiny SD 1.x architecture with RANDOM weights (a trained built-in model is still "
-          "to come): expect noise, not a picture")
     pipe = Pipeline.from_pretrained(model, backend=args.backend)
     opened = time.perf_counter() - start - prepared
-    print(f"backend: {pipe.device.backend} ({pipe.device.name}); other backends: "
+    print(f"model: built-in (a {pipe.model.native_size}x{pipe.model.native_size} Stable Diffusion trained on "
+          "captioned shapes; see edgediff/builtin/model/README.md)")
+    print(f"backend: {pipe.device.backend} ({pipe.device.name}); others: "
           + "; ".join(f"{u.backend}: {u.reason}" for u in _unavailable()))
-    prompt = "a red circle on a blue background"
-    result = pipe(prompt, num_inference_steps=args.steps, seed=args.seed, progress=True)
-    path = save_png(result.images[0], Path(args.out) / "demo.png", result.parameters[0].a1111())
-    print(f"prompt: {prompt!r}, {args.steps} steps, {result.parameters[0].sampler}, seed {args.seed}, "
-          f"{result.images[0].width}x{result.images[0].height}")
-    print(f"timings: model build and export (first run only) {prepared:.2f} s, sessions {opened:.2f} s; "
-          + _format_timings(result.timings))
-    print(f"wrote {path.resolve()}")
+    print(f"plan: {pipe.describe()}")
+    out = Path(args.out)
+    images, captions, totals = [], [], {}
+    for k, caption in enumerate(DEMO_CAPTIONS):
+        result = pipe(caption, num_inference_steps=args.steps, seed=args.seed + k)
+        image, params = result.images[0], result.parameters[0]
+        save_png(image, out / f"demo-{k + 1}.png", params.a1111())
+        images.append(image)
+        captions.append(caption)
+        for stage, seconds in result.timings.items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+        print(f"  {k + 1}. {caption!r} seed {params.seed}: {_format_timings(result.timings)}")
+    sheet = save_png(contact_sheet(images, captions), out / "contact-sheet.png")
+    n = len(DEMO_CAPTIONS)
+    print(f"{n} images, {args.steps} steps, {result.parameters[0].sampler}: "
+          f"{sum(totals.values()) / n * 1000:.0f} ms per image on average; "
+          f"export {prepared:.2f} s (cached after the first run), sessions {opened:.2f} s")
+    print(f"wrote {n} PNGs and {sheet.resolve()}")
 
 
 def _devices(args) -> None:
@@ -148,14 +167,6 @@ def _unavailable():
     from .backends.base import Unavailable
 
     return [f for f in probe_all() if isinstance(f, Unavailable)]
-
-
-def _resolve_model(name: str) -> Path:
-    if name == "builtin":
-        from .builtin import ensure_builtin
-
-        return ensure_builtin()
-    return Path(name)
 
 
 def _format_timings(timings: dict[str, float]) -> str:

@@ -1,47 +1,56 @@
-"""The built-in model: made on first use, then cached, so the demo and `--model builtin` run offline.
+"""The built-in model: a small Stable Diffusion trained on captioned shapes, shipped with edgediff.
 
-For now it is a tiny SD 1.x-shaped model with random weights (builtin/random_model.py), which draws
-noise; a trained one replaces it in issue 3. Building and exporting it needs the `export` extra (torch);
-once cached, running it does not.
+Its weights live in builtin/model/ (diffusers format, safetensors, with a model card that says how
+they were trained: `python -m edgediff.builtin.train`). Wherever a model is accepted, `builtin` names
+it; the first use exports it to ONNX into the user's cache, later uses reuse that export. Exporting
+needs the `export` extra (torch); running the export does not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 from ..engine.errors import EdgediffError
 
 log = logging.getLogger("edgediff")
 
-BUILTIN_VERSION = "random-sd1-v1"  # bump when the recipe changes, so old caches are not reused
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+NAME = "builtin"
 
 
 def cache_root() -> Path:
-    import os
-
     from platformdirs import user_cache_dir
 
-    return Path(os.environ.get("EDGEDIFF_CACHE") or user_cache_dir("edgediff")) / "builtin" / BUILTIN_VERSION
+    return Path(os.environ.get("EDGEDIFF_CACHE") or user_cache_dir("edgediff")) / "builtin"
+
+
+def fingerprint(folder: Path = MODEL_DIR) -> str:
+    """A short hash of the shipped weights and configs, so that new weights never reuse an old export."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".txt")):
+        h.update(path.relative_to(folder).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def ensure_builtin() -> Path:
-    """The exported built-in model folder, building and exporting it the first time."""
-    root = cache_root()
-    onnx = root / "onnx"
+    """The exported built-in model folder, exporting it the first time."""
+    if not (MODEL_DIR / "model_index.json").is_file():
+        raise EdgediffError(f"the built-in model's weights are missing from {MODEL_DIR}; reinstall edgediff")
+    onnx = cache_root() / fingerprint() / "onnx"
     if (onnx / "edgediff_export.json").is_file():
         return onnx
     try:
         import diffusers  # noqa: F401
         import torch  # noqa: F401
     except ImportError:
-        raise EdgediffError("the built-in model is built on first use with torch and diffusers: "
+        raise EdgediffError("the built-in model is exported on first use with torch and diffusers: "
                             "pip install 'edgediff[export]' (or run ./dev demo)") from None
     from ..export.onnx_export import export_onnx
-    from .random_model import TinySpec, build_random_model
 
-    log.info("building the built-in model in %s (first run only)", root)
-    root.mkdir(parents=True, exist_ok=True)
-    source = build_random_model(root / "diffusers", TinySpec(kind="sd1", seed=0))
-    export_onnx(source, onnx, overwrite=True, name="builtin")
+    log.info("exporting the built-in model to %s (first use only)", onnx)
+    export_onnx(MODEL_DIR, onnx, overwrite=True, name=NAME)
     return onnx

@@ -1,4 +1,4 @@
-"""`edgediff demo`, the README's main command: builds the built-in model once, then reuses it."""
+"""`edgediff demo`, the README's main command: exports the built-in model once, then reuses it."""
 
 from __future__ import annotations
 
@@ -6,24 +6,39 @@ import logging
 
 from PIL import Image
 
-from edgediff.cli import main
+from edgediff.cli import DEMO_CAPTIONS, main
 
 
-def test_demo_builds_once_generates_and_reports(tmp_path, monkeypatch, capsys, caplog):
+def test_demo_exports_once_generates_and_reports(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
     with caplog.at_level(logging.INFO, logger="edgediff"):
-        assert main(["demo", "--out", str(tmp_path / "pics"), "--steps", "3"]) == 0
+        assert main(["demo", "--out", str(tmp_path / "pics")]) == 0
     out = capsys.readouterr().out
-    assert "RANDOM weights" in out
-    assert "backend: cpu" in out
-    assert "timings:" in out and "unet" in out and "vae_decoder" in out
-    png = tmp_path / "pics" / "demo.png"
-    assert f"wrote {png.resolve()}" in out
-    assert Image.open(png).text["parameters"].endswith("Model: builtin, Version: edgediff")
-    assert "building the built-in model" in caplog.text
+    assert "model: built-in" in out
+    assert "backend: cpu" in out and "plan: fp32 weights" in out
+    assert "ms per image on average" in out
+    sheet = tmp_path / "pics" / "contact-sheet.png"
+    assert f"wrote {len(DEMO_CAPTIONS)} PNGs and {sheet.resolve()}" in out
+    assert Image.open(sheet).size == (3 * 256, 2 * (256 + 34))
+    first = Image.open(tmp_path / "pics" / "demo-1.png")
+    assert first.text["parameters"].startswith(DEMO_CAPTIONS[0] + "\nSteps: 20")
+    assert "Model: builtin" in first.text["parameters"]
+    assert "exporting the built-in model" in caplog.text
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="edgediff"):
         assert main(["demo", "--out", str(tmp_path / "pics2"), "--steps", "3"]) == 0
-    assert "building the built-in model" not in caplog.text  # cached
-    assert (tmp_path / "pics2" / "demo.png").is_file()
+    assert "exporting the built-in model" not in caplog.text  # cached
+    assert (tmp_path / "pics2" / "demo-6.png").is_file()
+
+
+def test_builtin_is_a_model_name_everywhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle on a blue background", "--model", "builtin", "--steps", "4",
+                 "--seed", "1", "--out", str(out)]) == 0
+    from edgediff import Pipeline
+
+    again = Pipeline.from_pretrained("builtin")("a red circle on a blue background", num_inference_steps=4,
+                                                seed=1).images[0]
+    assert list(Image.open(out).getdata()) == list(again.getdata())
