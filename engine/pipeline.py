@@ -25,7 +25,7 @@ from .components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentS
 from .errors import EdgediffError
 from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
 from .model_folder import LATENT_CHANNELS, ModelInfo, read_model_folder
-from .schedulers import SCHEDULERS, Scheduler, get_scheduler
+from .schedulers import Scheduler, get_scheduler
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger("edgediff")
@@ -222,7 +222,7 @@ class Pipeline:
         images = to_pil(np.concatenate(decoded))
 
         # 6. What made each image, for the PNG metadata.
-        sampler = SCHEDULERS[scheduler_name].a1111_name
+        sampler = sched.a1111_name
         strength_note = strength if init_image is not None else None
         params = [Parameters(prompts[k // num_images_per_prompt], negatives[k // num_images_per_prompt],
                              num_inference_steps, sampler, guidance_scale, seeds[k], width, height, model.name,
