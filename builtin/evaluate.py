@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 
 from .scenes import Scene, judge, scenes
 
@@ -56,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
     args = p.parse_args(argv)
-    if args.model == "builtin":
-        from . import ensure_builtin
-
-        args.model = ensure_builtin()
-    pipe = Pipeline.from_pretrained(Path(args.model), backend="cpu")
+    pipe = Pipeline.from_pretrained(args.model, backend="cpu")  # "builtin" is a model name there too
     result = evaluate(pipe, args.scheduler, args.steps, guidance_scale=args.guidance)
     for caption, reasons in result.failures:
         print(f"FAIL {caption!r}: {'; '.join(reasons)}")
