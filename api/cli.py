@@ -46,15 +46,32 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=42)
     demo.set_defaults(run=_demo)
 
-    export = sub.add_parser("export", help="export a diffusers model folder to ONNX")
-    export.add_argument("src", help="a diffusers-format model folder")
-    export.add_argument("--out", required=True, help="the folder to write the ONNX model to")
-    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export = sub.add_parser("export", help="export a checkpoint (folder, .safetensors file, hub id) to ONNX or Core ML")
+    export.add_argument("src", help="a diffusers folder, a .safetensors/.ckpt file, a hub id, or `builtin`")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--format", default="onnx", choices=("onnx", "coreml"))
+    export.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"),
+                        help="fp16 keeps the numerically fragile parts in fp32 (default: %(default)s)")
+    export.add_argument("--attention", default="standard", choices=("standard", "sliced", "split-einsum"),
+                        help="sliced: less memory; split-einsum: Apple's Neural Engine layout")
+    export.add_argument("--slices", type=int, default=16, help="sliced attention: query slices (default: %(default)s)")
+    export.add_argument("--config", default=None,
+                        help="single files: a diffusers folder whose configs describe the checkpoint")
+    export.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                        help="single files: override what the checkpoint's family implies")
+    export.add_argument("--no-safety-checker", action="store_true", help="leave the safety checker out")
+    export.add_argument("--width", type=int, default=512, help="Core ML: the fixed image width")
+    export.add_argument("--height", type=int, default=512, help="Core ML: the fixed image height")
+    export.add_argument("--batch", type=int, default=1, help="Core ML: the fixed number of images per call")
+    export.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                        help="replace --out if it already holds something")
     export.set_defaults(run=_export)
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--model", required=True, help="an exported model folder, or `builtin`")
+    gen.add_argument("--model", required=True,
+                     help="an exported folder, or any export source (exported once into the cache): "
+                          "`builtin`, a diffusers folder, a .safetensors file, a hub id")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=25)
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
@@ -68,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change it (0-1)")
     gen.add_argument("--mask", default=None, help="inpainting: white where to paint, black to keep")
     gen.add_argument("--backend", default="auto", help="auto, cpu, cuda, rocm or coreml")
+    gen.add_argument("--no-safety-checker", action="store_true",
+                     help="do not run the model's safety checker (which blacks out flagged images)")
     gen.add_argument("--out", default="out.png", help="PNG to write; a batch adds -1, -2, ...")
     gen.set_defaults(run=_generate)
 
@@ -77,13 +96,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export(args) -> None:
-    from .export.onnx_export import export_onnx
+    from .export.onnx_export import ExportOptions
+    from .export.sources import export_model
 
     start = time.perf_counter()
-    reports = export_onnx(args.src, args.out, overwrite=args.overwrite)
-    for r in reports:
-        print(f"{r.name:13s} {r.bytes / 2**20:8.1f} MiB  parity vs PyTorch: relative error {r.relative_error:.1e}")
-    print(f"exported to {args.out} in {time.perf_counter() - start:.1f} s")
+    options = ExportOptions(dtype=args.dtype, attention=args.attention, slices=args.slices,
+                            safety_checker=not args.no_safety_checker)
+    if args.format == "coreml":
+        from .export.sources import export_coreml_model
+
+        manifest = export_coreml_model(args.src, args.out, options, width=args.width, height=args.height,
+                                       batch=args.batch, force=args.force, config=args.config,
+                                       prediction_type=args.prediction_type)
+    else:
+        manifest = export_model(args.src, args.out, options, force=args.force, config=args.config,
+                                prediction_type=args.prediction_type)
+    print(f"{'component':15s} {'format':7s} {'dtype':5s} {'attention':12s} {'size':>10s}  parity vs PyTorch fp32")
+    for c in manifest["components"].values():
+        psnr = "identical" if c["psnr"] is None else f"{c['psnr']:.1f} dB PSNR"
+        print(f"{c['name']:15s} {c['format']:7s} {c['dtype']:5s} {c['attention']:12s} "
+              f"{c['bytes'] / 2**20:6.1f} MiB  {psnr}, max abs diff {c['max_abs_diff']:.1e}")
+    print(f"exported to {args.out} in {time.perf_counter() - start:.1f} s (manifest: {Path(args.out) / 'edgediff.json'})")
 
 
 def _generate(args) -> None:
@@ -93,16 +126,17 @@ def _generate(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise EdgediffError(f"--out {out} should end in .png")
-    pipe = Pipeline.from_pretrained(args.model, backend=args.backend)
+    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, safety_checker=not args.no_safety_checker)
     result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   scheduler=args.scheduler, num_images_per_prompt=args.batch, image=args.init_image,
                   strength=args.strength, mask_image=args.mask, progress=True)
     paths = [out] if len(result.images) == 1 else \
         [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(len(result.images))]
-    for image, params, path in zip(result.images, result.parameters, paths):
+    flagged = result.nsfw_content_detected or [False] * len(paths)
+    for image, params, path, nsfw in zip(result.images, result.parameters, paths, flagged):
         save_png(image, path, params.a1111())
-        print(f"wrote {path} (seed {params.seed})")
+        print(f"wrote {path} (seed {params.seed})" + (": flagged by the safety checker, blacked out" if nsfw else ""))
     print(f"backend: {pipe.device.backend} ({pipe.device.name}); " + _format_timings(result.timings))
 
 

@@ -57,4 +57,15 @@ VAE_DECODER = ComponentSpec(
     outputs=(TensorSpec("sample", "float32", ("batch", "rgb", "image_height", "image_width")),),
 )
 
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
+# The CLIP-based classifier SD ships to flag unsafe pictures (diffusers' StableDiffusionSafetyChecker,
+# its forward_onnx): CLIP-preprocessed pixels in, the same images out with flagged ones blacked.
+SAFETY_CHECKER = ComponentSpec(
+    "safety_checker",
+    inputs=(TensorSpec("clip_input", "float32", ("batch", "clip_rgb", "clip_height", "clip_width")),
+            TensorSpec("images", "float32", ("batch", "image_height", "image_width", "rgb"))),  # NHWC, 0..1
+    outputs=(TensorSpec("out_images", "float32", ("batch", "image_height", "image_width", "rgb")),
+             TensorSpec("has_nsfw_concepts", "bool", ("batch",))),
+    required=False,
+)
+
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, SAFETY_CHECKER)

@@ -30,7 +30,7 @@ class ModelInfo:
     scaling_factor: float  # latents are scaled by this before the UNet sees them
     scheduler_config: SchedulerConfig
     scheduler_class: str  # diffusers class named in scheduler_config.json, to pick the default
-    export_manifest: dict  # edgediff_export.json (dtype, attention, parity); empty for optimum's folders
+    export_manifest: dict  # edgediff.json (dtype, attention, parity); empty for optimum's folders
 
     @property
     def native_size(self) -> int:
@@ -69,7 +69,7 @@ def read_model_folder(path: str | Path) -> ModelInfo:
     if isinstance(sample_size, (list, tuple)):
         sample_size = sample_size[0]
     blocks = vae.get("block_out_channels")
-    manifest = _config(path / "edgediff_export.json")
+    manifest = _config(path / "edgediff.json")
     name = manifest.get("name") or path.resolve().name
     try:
         scheduler_config = SchedulerConfig.from_dict(scheduler_raw)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from . import noise as rnd
-from .components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
+from .components import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
 from .errors import EdgediffError
 from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
 from .model_folder import LATENT_CHANNELS, ModelInfo, read_model_folder
@@ -49,28 +49,34 @@ class GenerationResult:
     parameters: list[Parameters]  # what made each image, for its PNG metadata
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     cancelled: bool = False  # the callback returned False; `images` is then empty
+    # diffusers' name: image k was flagged by the model's safety checker and is black
+    nsfw_content_detected: list[bool] = field(default_factory=list)
 
 
 class Pipeline:
-    def __init__(self, model: ModelInfo, backend, device, tokenizer: ClipTokenizer):
+    def __init__(self, model: ModelInfo, backend, device, tokenizer: ClipTokenizer, safety_checker: bool = True):
         self.model = model
         self.backend = backend
         self.device = device
         self.tokenizer = tokenizer
+        # on when the model ships a safety checker, as in diffusers; off by the user's choice only
+        self.safety_checker = safety_checker and model.has(SAFETY_CHECKER)
         self._sessions: dict[str, object] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, backend: str = "auto") -> "Pipeline":
-        """Open an exported model folder on a backend ("auto" picks the best one available)."""
+    def from_pretrained(cls, path: str | Path, backend: str = "auto", safety_checker: bool = True) -> "Pipeline":
+        """Open a model on a backend ("auto" picks the best one available). `path` is an exported folder,
+        or any source `edgediff export` takes (`builtin`, a diffusers folder, a .safetensors file, a hub
+        id), exported once into the cache (this needs the export extra)."""
         from ..backends import select
 
-        if str(path) == "builtin":
-            from ..builtin import ensure_builtin
+        if not (Path(path) / UNET.onnx_path).is_file():
+            from ..export.sources import ensure_exported  # imports torch only if it has to export
 
-            path = ensure_builtin()
+            path = ensure_exported(path)
         model = read_model_folder(path)
         chosen, device = select(backend)
-        pipe = cls(model, chosen, device, ClipTokenizer.from_folder(model.path / "tokenizer"))
+        pipe = cls(model, chosen, device, ClipTokenizer.from_folder(model.path / "tokenizer"), safety_checker)
         for spec in (TEXT_ENCODER, UNET, VAE_DECODER):  # load now, so a broken file fails here, not mid-run
             pipe._session(spec)
         return pipe
@@ -221,13 +227,32 @@ class Pipeline:
                        ["sample"] for k in range(batch)]
         images = to_pil(np.concatenate(decoded))
 
-        # 6. What made each image, for the PNG metadata.
+        # 6. The safety checker, when the model has one and it is on: flagged images become black.
+        flagged = [False] * batch
+        if self.safety_checker:
+            with _timed(timings, "safety_checker"):
+                images, flagged = self._check_safety(images)
+
+        # 7. What made each image, for the PNG metadata.
         sampler = sched.a1111_name
         strength_note = strength if init_image is not None else None
         params = [Parameters(prompts[k // num_images_per_prompt], negatives[k // num_images_per_prompt],
                              num_inference_steps, sampler, guidance_scale, seeds[k], width, height, model.name,
                              strength_note) for k in range(batch)]
-        return GenerationResult(images, seeds, params, timings)
+        return GenerationResult(images, seeds, params, timings, nsfw_content_detected=flagged)
+
+    def _check_safety(self, images: list[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
+        from .safety import ClipPreprocess
+
+        clip = ClipPreprocess.from_folder(self.model.path / "feature_extractor")(images)  # (B, 3, 224, 224)
+        pixels = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])  # (B, H, W, 3)
+        out = self._session(SAFETY_CHECKER).run(clip_input=clip, images=pixels)
+        flagged = [bool(f) for f in np.asarray(out["has_nsfw_concepts"]).reshape(-1)]
+        for k, f in enumerate(flagged):
+            if f:
+                log.warning("image %d was flagged by the model's safety checker and blacked out "
+                            "(turn the checker off with --no-safety-checker / safety_checker=False)", k + 1)
+        return [Image.new("RGB", im.size) if f else im for im, f in zip(images, flagged)], flagged
 
     def _encode_text(self, prompts: list[str], negatives: list[str] | None, per_prompt: int) -> np.ndarray:
         texts = prompts if negatives is None else negatives + prompts

@@ -41,3 +41,26 @@ class VaeDecoder(torch.nn.Module):
 
     def forward(self, latent_sample):
         return self.m.decode(latent_sample, return_dict=False)[0]
+
+
+class SafetyChecker(torch.nn.Module):
+    """diffusers' StableDiffusionSafetyChecker.forward_onnx, except the blackout: its in-place
+    `images[has_nsfw_concepts] = 0.0` traces to a Where that broadcasts the (B,) mask against the
+    channel axis of the NHWC images, which ONNX Runtime rejects for any batch but 1."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, clip_input, images):
+        from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+        m = self.m
+        embeds = m.visual_projection(m.vision_model(clip_input)[1])
+        special_scores = cosine_distance(embeds, m.special_care_embeds) - m.special_care_embeds_weights
+        special_adjustment = torch.any(special_scores > 0, dim=1) * 0.01  # (B,)
+        concept_scores = cosine_distance(embeds, m.concept_embeds) - m.concept_embeds_weights \
+            + special_adjustment.unsqueeze(1)
+        has_nsfw_concepts = torch.any(concept_scores > 0, dim=1)  # (B,)
+        keep = (~has_nsfw_concepts).to(images.dtype).reshape(-1, 1, 1, 1)
+        return images * keep, has_nsfw_concepts

@@ -28,3 +28,17 @@ class TinyModels:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> TinyModels:
     return TinyModels(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Exports the tests cause go to a cache of their own, never the user's."""
+    import os
+
+    old = os.environ.get("EDGEDIFF_CACHE")
+    os.environ["EDGEDIFF_CACHE"] = str(tmp_path_factory.mktemp("edgediff-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EDGEDIFF_CACHE", None)
+    else:
+        os.environ["EDGEDIFF_CACHE"] = old

@@ -138,8 +138,8 @@ def test_export_writes_optimum_layout(tiny, tmp_path, capsys):
     assert code == 0
     for part in ("model_index.json", "text_encoder/model.onnx", "unet/model.onnx", "vae_encoder/model.onnx",
                  "vae_decoder/model.onnx", "tokenizer", "scheduler/scheduler_config.json",
-                 "edgediff_export.json"):
+                 "edgediff.json"):
         assert (tmp_path / "o" / part).exists(), part
     assert "parity vs PyTorch" in stdout
     code, _, err = run(capsys, "export", str(tiny("sd2")[0]), "--out", str(tmp_path / "o"))
-    one_line_error(code, err, "already exists", "--overwrite")
+    one_line_error(code, err, "already holds an edgediff export", "--force")
