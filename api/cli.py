@@ -50,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("src", help="a diffusers folder, a .safetensors/.ckpt file, a hub id, or `builtin`")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--format", default="onnx", choices=("onnx", "coreml"))
-    export.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"),
-                        help="fp16 keeps the numerically fragile parts in fp32 (default: %(default)s)")
+    export.add_argument("--dtype", default=None, choices=("fp32", "fp16"),
+                        help="fp16 keeps the numerically fragile parts in fp32 (default: fp32 for ONNX, "
+                             "fp16 for Core ML)")
     export.add_argument("--attention", default="standard", choices=("standard", "sliced", "split-einsum"),
                         help="sliced: less memory; split-einsum: Apple's Neural Engine layout")
     export.add_argument("--slices", type=int, default=16, help="sliced attention: query slices (default: %(default)s)")
@@ -63,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--width", type=int, default=512, help="Core ML: the fixed image width")
     export.add_argument("--height", type=int, default=512, help="Core ML: the fixed image height")
     export.add_argument("--batch", type=int, default=1, help="Core ML: the fixed number of images per call")
+    export.add_argument("--compute-units", default="ALL", choices=("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"),
+                        help="Core ML: the compute units the packages are made for (default: %(default)s)")
     export.add_argument("--force", "--overwrite", dest="force", action="store_true",
                         help="replace --out if it already holds something")
     export.set_defaults(run=_export)
@@ -100,17 +103,13 @@ def _export(args) -> None:
     from .export.sources import export_model
 
     start = time.perf_counter()
-    options = ExportOptions(dtype=args.dtype, attention=args.attention, slices=args.slices,
-                            safety_checker=not args.no_safety_checker)
-    if args.format == "coreml":
-        from .export.sources import export_coreml_model
-
-        manifest = export_coreml_model(args.src, args.out, options, width=args.width, height=args.height,
-                                       batch=args.batch, force=args.force, config=args.config,
-                                       prediction_type=args.prediction_type)
-    else:
-        manifest = export_model(args.src, args.out, options, force=args.force, config=args.config,
-                                prediction_type=args.prediction_type)
+    coreml = args.format == "coreml"
+    options = ExportOptions(dtype=args.dtype or ("fp16" if coreml else "fp32"), attention=args.attention,
+                            slices=args.slices, safety_checker=not args.no_safety_checker)
+    manifest = export_model(args.src, args.out, options, force=args.force, config=args.config,
+                            prediction_type=args.prediction_type,
+                            coreml=dict(width=args.width, height=args.height, batch=args.batch,
+                                        compute_units=args.compute_units) if coreml else None)
     print(f"{'component':15s} {'format':7s} {'dtype':5s} {'attention':12s} {'size':>10s}  parity vs PyTorch fp32")
     for c in manifest["components"].values():
         psnr = "identical" if c["psnr"] is None else f"{c['psnr']:.1f} dB PSNR"

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from . import noise as rnd
-from .components import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
+from .components import COMPONENTS, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
 from .errors import EdgediffError
 from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
 from .model_folder import LATENT_CHANNELS, ModelInfo, read_model_folder
@@ -70,7 +70,8 @@ class Pipeline:
         id), exported once into the cache (this needs the export extra)."""
         from ..backends import select
 
-        if not (Path(path) / UNET.onnx_path).is_file():
+        folder = Path(path)
+        if not ((folder / "edgediff.json").is_file() or any((folder / c.onnx_path).is_file() for c in COMPONENTS)):
             from ..export.sources import ensure_exported  # imports torch only if it has to export
 
             path = ensure_exported(path)

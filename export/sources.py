@@ -67,10 +67,13 @@ def identify(src: str | Path) -> Source:
 
 def export_model(src: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
                  force: bool = False, config: str | Path | None = None, prediction_type: str | None = None,
-                 name: str | None = None) -> dict:
-    """Export any source to `out` (ONNX, optimum's layout); returns the manifest."""
-    from .onnx_export import export_onnx
-
+                 name: str | None = None, coreml: dict | None = None) -> dict:
+    """Export any source to `out` and return the manifest (out/edgediff.json): ONNX in optimum's
+    layout, or Core ML packages when `coreml` gives their fixed shapes (width, height, batch, and
+    optionally compute_units)."""
+    if coreml is not None and options.dtype != "fp16":
+        raise EdgediffError("Core ML packages compute in fp16 (with fp32 inputs and outputs); "
+                            "use --dtype fp16 or leave --dtype out")
     source = identify(src)
     out = Path(out)
     check_out(out, force)  # before any download or conversion, so a wrong --out costs nothing
@@ -78,8 +81,16 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         folder = materialize(source, Path(scratch), config=config, prediction_type=prediction_type)
         default_name = {"builtin": "builtin", "hub": source.ref.split("/")[-1]}.get(
             source.kind, Path(source.ref).stem if source.kind == "single-file" else Path(source.ref).name)
-        return export_onnx(folder, out, options, force=force, name=name or default_name,
-                           source=source.describe())
+        if coreml is None:
+            from .onnx_export import export_onnx
+
+            return export_onnx(folder, out, options, force=force, name=name or default_name,
+                               source=source.describe())
+        from .coreml_export import export_coreml
+
+        export_coreml(folder, out, attention=options.attention, force=force, name=name or default_name,
+                      source=source.describe(), **coreml)
+        return json.loads((out / MANIFEST).read_text())
 
 
 def materialize(source: Source, scratch: Path, config=None, prediction_type=None) -> Path:
@@ -118,7 +129,8 @@ def ensure_exported(src: str | Path, options: ExportOptions = ExportOptions(), *
         raise EdgediffError(f"{src} is not exported yet, and exporting needs torch and diffusers: "
                             "pip install 'edgediff[export]', or export on another machine with "
                             "`edgediff export` and pass the folder") from None
-    log.info("exporting %s to %s (once; later runs reuse it)", source.ref, out)
+    what = "the built-in model" if source.kind == "builtin" else source.ref
+    log.info("exporting %s to %s (once; later runs reuse it)", what, out)
     export_model(src, out, options, force=True, **kwargs)
     return out
 

@@ -1,0 +1,130 @@
+"""Export sources: single-file checkpoints and folders give the same graphs, hub ids, and the cache that
+lets `generate --model` take any of them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from ldm_layout import folder_to_single_file
+from onnx import numpy_helper
+
+from edgediff import Pipeline
+from edgediff.cli import main
+from edgediff.engine.errors import EdgediffError
+from edgediff.export import onnx_export
+from edgediff.export.onnx_export import ExportOptions
+from edgediff.export.sources import ensure_exported, export_model, identify
+
+KINDS = ("sd1", "sd2", "inpaint")
+
+
+def weights(folder, component) -> dict:
+    model = onnx.load(str(folder / component / "model.onnx"))
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_file_exports_the_same_graphs_as_the_folder(tiny, tmp_path, kind):
+    src, from_folder = tiny(kind)
+    single = folder_to_single_file(src, tmp_path / f"{kind}.safetensors", open_clip=kind == "sd2")
+    m = export_model(single, tmp_path / "o", config=src)
+    assert m["source"] == {"kind": "single-file", "ref": str(single.resolve()),
+                           "sha256": hashlib.sha256(single.read_bytes()).hexdigest()}
+    assert m["name"] == kind
+    for component in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        a, b = weights(from_folder, component), weights(tmp_path / "o", component)
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[k], b[k]) for k in a), component
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_file_fp16_sliced_passes_the_gate(tiny, tmp_path, kind):
+    src = tiny(kind)[0]
+    single = folder_to_single_file(src, tmp_path / f"{kind}.safetensors", open_clip=kind == "sd2")
+    m = export_model(single, tmp_path / "o", ExportOptions(dtype="fp16", attention="sliced", slices=4), config=src)
+    assert all(c["psnr"] is None or c["psnr"] >= 35 for c in m["components"].values())
+    assert (m["dtype"], m["attention"], m["slices"]) == ("fp16", "sliced", 4)
+
+
+def test_generate_exports_a_source_once_then_reuses_it(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    src = tiny("sd1")[0]
+    args = ["generate", "a red circle", "--model", str(src), "--steps", "2", "--seed", "1"]
+    assert main(args + ["--out", str(tmp_path / "a.png")]) == 0
+    cached = list((tmp_path / "cache" / "models").iterdir())
+    assert len(cached) == 1 and (cached[0] / "edgediff.json").is_file()
+
+    def no_second_export(*a, **k):
+        raise AssertionError("exported again")
+    monkeypatch.setattr(onnx_export, "export_onnx", no_second_export)
+    assert main(args + ["--out", str(tmp_path / "b.png")]) == 0
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    # the same picture as from the folder exported by hand
+    by_hand = Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu")("a red circle", num_inference_steps=2, seed=1)
+    assert np.array_equal(np.asarray(by_hand.images[0]), np.asarray(Image.open(tmp_path / "a.png")))
+
+
+def test_cache_key_follows_content_and_options(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
+    src = shutil.copytree(tiny("sd1")[0], tmp_path / "m")
+    fp32 = ensure_exported(src)
+    assert ensure_exported(src) == fp32
+    fp16 = ensure_exported(src, ExportOptions(dtype="fp16"))
+    assert fp16 != fp32
+    config = src / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"sample_size": 8', '"sample_size": 8 '))  # new bytes
+    assert ensure_exported(src) != fp32
+
+
+def test_hub_id_is_downloaded_then_exported(tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo: SimpleNamespace(sha="c0ffee" * 6))
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns=None, **kw):
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(tiny("sd1")[0])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    m = export_model("someone/tiny-sd", tmp_path / "o")
+    assert m["source"] == {"kind": "hub", "ref": "someone/tiny-sd", "sha256": "c0ffee" * 6}
+    assert m["name"] == "tiny-sd"
+    assert asked["repo_id"] == "someone/tiny-sd"
+    assert "*/*.safetensors" in asked["patterns"] and not any(p.endswith(".bin") for p in asked["patterns"])
+
+
+def test_hub_id_offline_is_one_clear_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    run = subprocess.run([sys.executable, "-m", "edgediff.cli", "export", "someone/not-here", "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if line.startswith("edgediff: error:")]
+    assert len(errors) == 1 and "offline" in errors[0] and "someone/not-here" in errors[0], run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_sources_that_are_not_there(tmp_path):
+    with pytest.raises(EdgediffError, match="does not exist"):
+        identify(tmp_path / "nothing")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(EdgediffError, match="not a checkpoint edgediff reads"):
+        identify(tmp_path / "notes.txt")
+
+
+def test_coreml_refuses_fp32_before_doing_anything(tiny, tmp_path, capsys):
+    code = main(["export", str(tiny("sd1")[0]), "--out", str(tmp_path / "o"), "--format", "coreml",
+                 "--dtype", "fp32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "compute in fp16" in err and not (tmp_path / "o").exists()
