@@ -84,6 +84,8 @@ class OrtSession:
         self.providers = tuple(self._session.get_providers())
         self.input_types = {i.name: ORT_TYPES.get(i.type, np.dtype(np.float32))
                             for i in self._session.get_inputs()}
+        # optimum-onnx exports the UNet's timestep as a 0-d scalar; edgediff's take one per batch row
+        self.scalar_inputs = {i.name for i in self._session.get_inputs() if i.shape == []}
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -93,6 +95,12 @@ class OrtSession:
                                 f"not provide for {self.spec.name}; is this a Stable Diffusion export?")
         feeds = {name: np.ascontiguousarray(inputs[name], dtype=dtype)
                  for name, dtype in self.input_types.items()}
+        for name in self.scalar_inputs:
+            value = feeds[name].reshape(-1)
+            if value.size == 0 or (value != value[0]).any():
+                raise EdgediffError(f"{self.path}: {name} is one scalar in this graph, but the batch needs "
+                                    f"{value.size} different values")
+            feeds[name] = np.asarray(value[0])
         values = self._session.run(None, feeds)
         return {name: np.asarray(v) for name, v in zip(self.output_names, values)}
 

@@ -22,22 +22,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..export.single_file import SD1_SCHEDULER, SD2_SCHEDULER
 from .vocab import write_tokenizer
 
 KINDS = ("sd1", "sd2", "inpaint")
 
-SD1_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-    "clip_sample": False,
-}
-SD2_SCHEDULER_CONFIG = {
-    "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None,
-}
+# The scheduler configs exactly as the SD 1.5 and SD 2.1 repositories ship them.
+SD1_SCHEDULER_CONFIG = SD1_SCHEDULER
+SD2_SCHEDULER_CONFIG = SD2_SCHEDULER
 
 
 @dataclass(frozen=True)

@@ -73,3 +73,16 @@ def write_clip_tokenizer(folder: str | Path, pad_token: str = PAD_SD1) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
     return folder
+
+
+def add_vocab_files(folder: str | Path) -> None:
+    """Give a tokenizer folder that has only `tokenizer.json` (as transformers 5 saves one) the
+    `vocab.json` and `merges.txt` that transformers 4's CLIPTokenizer, the class model_index.json names,
+    reads: optimum-onnx (transformers 4.57) cannot load an exported folder without them."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
+        return
+    bpe = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    (folder / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]  # tokenizers writes either
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.clip_vocab import add_vocab_files
 from ..engine.components import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
 from ..engine.errors import EdgediffError
 from .attention import DEFAULT_SLICES, VARIANTS
@@ -222,6 +223,11 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions) -> list[ComponentR
 
     from . import wrappers
 
+    from tqdm import tqdm
+
+    has_checker = options.safety_checker and (src / "safety_checker" / "config.json").is_file()
+    # disable=None: a bar on a terminal, nothing in logs and CI
+    bar = tqdm(total=4 + has_checker, desc="exporting", unit="component", disable=None, leave=False)
     g = torch.Generator().manual_seed(0)
     unet_config = json.loads((src / "unet" / "config.json").read_text())
     size = unet_config.get("sample_size", 64)
@@ -234,11 +240,13 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions) -> list[ComponentR
         folder = tmp / spec.name
         folder.mkdir()
         shutil.copy2(src / config_dir / "config.json", folder / "config.json")
-        reports.append(_export_one(spec, module, args, folder / "model.onnx", options, has_attention))
+        holder = [module]
+        del module, config  # _export_one frees the weights before ONNX Runtime loads its copy
+        reports.append(_export_one(spec, holder, args, folder / "model.onnx", options, has_attention))
         r = reports[-1]
+        bar.update(1)
         log.info("exported %s: %.1f s, %s, PSNR %s dB against PyTorch", spec.name, r.seconds, r.dtype,
                  "inf" if r.psnr is None else f"{r.psnr:.1f}")
-        del module
         gc.collect()
 
     def text_encoder():
@@ -290,7 +298,7 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions) -> list[ComponentR
     job(VAE_ENCODER, vae(wrappers.VaeEncoder), encoder_args, "vae", has_attention=True)
     job(VAE_DECODER, vae(wrappers.VaeDecoder), decoder_args, "vae", has_attention=True)
     vae_cache.clear()
-    if options.safety_checker and (src / "safety_checker" / "config.json").is_file():
+    if has_checker:
         def safety_checker():
             from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
@@ -304,24 +312,28 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions) -> list[ComponentR
 
         job(SAFETY_CHECKER, safety_checker, safety_args, "safety_checker")
         shutil.copytree(src / "feature_extractor", tmp / "feature_extractor")
+    bar.close()
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(src / part, tmp / part)
+    add_vocab_files(tmp / "tokenizer")
     shutil.copy2(src / "model_index.json", tmp / "model_index.json")
     return reports
 
 
-def _export_one(spec: ComponentSpec, module, args: tuple, path: Path, options: ExportOptions,
+def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, options: ExportOptions,
                 has_attention: bool) -> ComponentReport:
     import torch
 
     from . import attention
 
+    module = holder.pop()  # the only reference: dropping it below frees the PyTorch weights
     start = time.perf_counter()
     variant = options.attention if has_attention else "standard"
+    reference = None
     if has_attention:
         attention.install(module.m, "standard")
-        reference = module(*args)
         if variant != "standard":
+            reference = module(*args)
             attention.install(module.m, variant, options.slices)
             got = module(*args)
             err = _relative_error(got, reference)
@@ -338,6 +350,8 @@ def _export_one(spec: ComponentSpec, module, args: tuple, path: Path, options: E
     expected = module(*args)
     expected = [e.numpy().copy() for e in (expected if isinstance(expected, tuple) else (expected,))]
     parameters = sum(p.numel() for p in module.parameters())
+    del module, reference
+    gc.collect()  # the export's peak is one component's weights in one library at a time, not two
     inputs = {t.name: a.numpy() for t, a in zip(spec.inputs, args)}
     kept = nodes = 0
     if options.dtype == "fp16":
@@ -428,6 +442,8 @@ def _to_fp16(path: Path, spec: ComponentSpec, inputs: dict) -> tuple[int, int]:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    for chatty in ("onnxruntime.transformers", "float16"):  # per-pass counts of removed Casts
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     hot = {name for name, value in _calibrate(path, inputs).items() if value >= FP16_CALIBRATION_LIMIT}
     model = OnnxModel(onnx.load(str(path)))
     patterns = [re.compile(p) for p in FP16_KEEP_NODES.get(spec.name, ())]

@@ -16,6 +16,7 @@ from edgediff import Pipeline
 from edgediff.builtin import MODEL_DIR
 from edgediff.builtin.evaluate import evaluate, evaluation_scenes
 from edgediff.builtin.scenes import COLOURS, POSITIONS, Scene, judge, render
+from edgediff.export.onnx_export import ExportOptions
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +95,16 @@ def test_the_checks_catch_a_wrong_vae_scaling_factor(builtin):
     broken = Pipeline(dataclasses.replace(builtin.model, scaling_factor=builtin.model.scaling_factor * 2),
                       builtin.backend, builtin.device, builtin.tokenizer)
     assert evaluate(broken, steps=20, count=10).rate <= 0.5
+
+
+@pytest.mark.parametrize("options", [ExportOptions(dtype="fp16"), ExportOptions(attention="sliced")],
+                         ids=lambda o: o.key())
+def test_other_export_options_still_draw_the_captions(tmp_path_factory, options):
+    """fp16 (fragile parts kept fp32) and sliced attention must not cost meaning: the default
+    scheduler's bar on 20 captions, as for the fp32 export."""
+    from edgediff.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("builtin-options") / "onnx"
+    export_onnx(MODEL_DIR, out, options, name="builtin")
+    result = evaluate(Pipeline.from_pretrained(out, backend="cpu"), steps=20, count=20)
+    assert result.rate >= SCHEDULER_BARS["euler"], result.failures

@@ -1,0 +1,56 @@
+"""Peak memory and time of exporting the full-size SD 1.5 architecture, edgediff against optimum.
+
+    python -m edgediff.bench.export_memory [--dtype fp16] [--optimum-python PATH]
+
+Each export runs in a process of its own (bench/measure.py), on the same random-weight SD 1.5 folder
+(bench/sd15.py). `--optimum-python` names a Python that has optimum-onnx installed, which cannot share
+an environment with edgediff's export (it pins an older transformers and diffusers); its
+`optimum-cli export onnx` is then measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .measure import run_measured
+from .sd15 import build_sd15
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m edgediff.bench.export_memory", description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument("--optimum-python", default=None, help="a Python with optimum-onnx installed")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+
+    src = build_sd15()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
+        ours = run_measured([sys.executable, "-m", "edgediff.cli", "export", str(src), "--out",
+                             str(Path(tmp) / "edgediff"), "--dtype", args.dtype])
+        rows.append(("edgediff export", ours))
+        if ours.returncode:
+            sys.exit(f"edgediff export failed:\n{ours.output[-2000:]}")
+        sizes = json.loads((Path(tmp) / "edgediff" / "edgediff.json").read_text())["components"]
+        if args.optimum_python:
+            theirs = run_measured([args.optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx",
+                                   "--model", str(src), "--task", "text-to-image", str(Path(tmp) / "optimum")])
+            rows.append(("optimum-cli export onnx", theirs))
+    if args.json:
+        print(json.dumps({name: {"seconds": m.seconds, "peak_rss_bytes": m.peak_rss_bytes, "exit": m.returncode}
+                          for name, m in rows}, indent=2))
+        return
+    print(f"SD 1.5 architecture (random weights), {args.dtype}, exported on this machine:")
+    for name, m in rows:
+        status = "" if m.returncode == 0 else f"  (failed, exit {m.returncode})"
+        print(f"  {name:26s} {m.seconds:7.1f} s   peak RSS {m.peak_gib:5.2f} GiB{status}")
+    print("  components: " + ", ".join(f"{c['name']} {c['bytes'] / 2**30:.2f} GiB ({c['psnr']} dB)"
+                                       for c in sizes.values()))
+
+
+if __name__ == "__main__":
+    main()
