@@ -187,10 +187,10 @@ def _devices(args) -> None:
     from .backends import probe_all
     from .backends.base import Device
 
+    # one line per backend, in priority order: what it found, or why it cannot run here
     for found in probe_all():
         if isinstance(found, Device):
-            memory = f", {found.total_memory / 2**30:.1f} GiB" if found.total_memory else ""
-            print(f"{found.backend:7s} available: {found.name}{memory}, providers {', '.join(found.providers)}")
+            print(f"{found.backend:7s} available: {found.describe()}")
         else:
             print(f"{found.backend:7s} unavailable: {found.reason}")
 

@@ -2,16 +2,19 @@
 
 Each backend lives in its own subpackage and is imported only when probed, so a missing
 onnxruntime-gpu, amdsmi or coremltools never breaks `import edgediff` (tinygrad's device.py does the
-same). `select` is the only place that chooses among them.
+same). `select` is the only place that chooses among them; `open_with_fallback` the only place that moves
+a component to another backend when its own fails.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 
+from ..engine.components import ComponentSpec
 from ..engine.errors import EdgediffError
-from .base import Backend, Device, Unavailable
+from .base import Backend, Device, MissingComponent, Session, Unavailable, first_line
 
 log = logging.getLogger("edgediff")
 
@@ -54,3 +57,47 @@ def select(preferred: str = "auto") -> tuple[Backend, Device]:
             return get_backend(found.backend), found
         log.debug("backend %s unavailable: %s", found.backend, found.reason)
     raise EdgediffError("no backend is available, not even the CPU; is onnxruntime installed?")
+
+
+def open_with_fallback(path: Path, spec: ComponentSpec, backend: Backend, device: Device,
+                       memory_limit: int | None = None,
+                       fallbacks: list[Backend] | None = None) -> tuple[Session, Backend, Device]:
+    """Open `spec` on `backend`; if that fails (a provider that cannot start, a driver that refuses the
+    graph), try the backends after it in priority order that are available here, with a warning naming
+    the backend and the reason. Returns the session, the backend that took it and its device.
+
+    `fallbacks` replaces the registry's backends after `backend` (tests inject one whose open raises).
+    `memory_limit` was sized for `device`; it is passed on unchanged (the CPU backend ignores it).
+    A missing file is not the backend's fault and is raised at once; when every backend fails, the first
+    (the chosen backend's) error is raised.
+    """
+    if fallbacks is None:
+        names = list(REGISTRY)
+        later = names[names.index(backend.name) + 1:] if backend.name in names else ["cpu"]
+        fallbacks = [get_backend(name) for name in later]
+    first_backend = backend.name
+    try:
+        return backend.open(path, spec, device, memory_limit), backend, device
+    except MissingComponent:
+        raise
+    except Exception as e:
+        first, reason = e, first_line(e)
+    for fallback in fallbacks:
+        try:
+            found = fallback.probe()
+        except Exception as e:  # probes should not raise; a broken one must not hide the others
+            found = Unavailable(fallback.name, f"probe failed: {first_line(e)}")
+        if isinstance(found, Unavailable):
+            log.debug("backend %s unavailable: %s", found.backend, found.reason)
+            continue
+        log.warning("%s could not open the %s (%s); running it on %s instead", backend.name, spec.name, reason,
+                    fallback.name)
+        try:
+            return fallback.open(path, spec, found, memory_limit), fallback, found
+        except MissingComponent:
+            raise
+        except Exception as e:
+            backend, reason = fallback, first_line(e)
+    if isinstance(first, EdgediffError):
+        raise first
+    raise EdgediffError(f"{first_backend} could not open the {spec.name}: {first_line(first)}") from first

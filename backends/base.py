@@ -1,14 +1,20 @@
 """The backend protocol: every backend (cpu, cuda, rocm, coreml) fills the same small interface.
 
-- `probe()` says what device the backend would use, or why it cannot run, in words a user can act on.
-  It never raises and never imports torch.
-- `open(path, spec, device)` returns a `Session` that runs one exported component.
+- `probe()` says what device the backend would use, as measured facts (`Device`), or why it cannot run, in
+  words a user can act on (`Unavailable`). It never raises and never imports torch. Every probe takes its
+  inputs (provider lists, NVML, amdsmi, sysctl, /proc/meminfo) as constructor arguments, so that tests
+  describe a 4 GB NVIDIA card or an 8 GB M1 on a machine that has neither.
+- `open(path, spec, device, memory_limit=None)` returns a `Session` that runs one exported component;
+  `memory_limit` (bytes) caps what the backend's allocator may take where the runtime has such a cap.
 
-Outside backends/ no code asks which backend it is on: it holds a `Session` and calls `run`.
+Outside backends/ no code asks which backend it is on: it holds a `Session` and calls `run` (and `keep`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -18,29 +24,68 @@ import numpy as np
 from ..engine.components import ComponentSpec
 from ..engine.errors import EdgediffError
 
+log = logging.getLogger("edgediff")
+
+GiB = 2**30
+
 
 @dataclass(frozen=True)
 class Device:
+    """What a backend found: measured facts only, the planner's input. None means "could not tell"."""
+
     backend: str
-    name: str
+    name: str  # "NVIDIA GeForce RTX 3060", "Apple M1", "AMD Ryzen 7 5800X (8 cores)"
     providers: tuple[str, ...]  # ONNX Runtime execution providers, in order of preference
-    total_memory: int | None = None  # bytes; None where the backend cannot tell
-    free_memory: int | None = None
+    total_memory: int | None = None  # bytes the device has; the host's RAM where memory is unified
+    free_memory: int | None = None  # bytes free when probed
     unified_memory: bool = False  # memory shared with the host (CPU, Apple Silicon)
-    fp16: bool = False  # whether fp16 arithmetic is fast here
+    fp16: bool = False  # whether fp16 arithmetic is fast here, not merely possible
+    driver: str | None = None  # driver or OS version: "NVIDIA 550.54.14", "amdgpu 6.7.0", "macOS 14.4.1"
+    device_id: int = 0  # the runtime's ordinal (CUDA/HIP device id)
+    compute_capability: tuple[int, int] | None = None  # CUDA SM version, e.g. (8, 6)
+    arch: str | None = None  # AMD graphics target, e.g. "gfx1100"
+    compute_units: tuple[str, ...] = ()  # Core ML units coremltools can load packages for (empty: it cannot)
+    cores: int | None = None  # CPU cores this process may run on
+    notes: tuple[str, ...] = ()  # what the probe could not measure, and what to do about it
+
+    def describe(self) -> str:
+        """One line for `edgediff devices` and for bug reports."""
+        gib = lambda b: "?" if b is None else f"{b / GiB:.1f}"  # noqa: E731
+        if self.total_memory is None and self.free_memory is None:
+            memory = "memory unknown"
+        else:
+            memory = f"{gib(self.total_memory)} GiB total, {gib(self.free_memory)} GiB free"
+        if self.unified_memory:
+            memory += " (unified memory)"
+        parts = [self.name, memory, "fp16 fast" if self.fp16 else "fp16 slow"]
+        if self.compute_capability:
+            parts.append(f"compute capability {self.compute_capability[0]}.{self.compute_capability[1]}")
+        if self.arch:
+            parts.append(self.arch)
+        if self.providers:
+            parts.append(f"providers {', '.join(self.providers)}")
+        if self.compute_units:
+            parts.append(f"Core ML compute units {', '.join(self.compute_units)}")
+        if self.driver:
+            parts.append(self.driver)
+        return "; ".join(parts) + "".join(f" [{n}]" for n in self.notes)
 
 
 @dataclass(frozen=True)
 class Unavailable:
     backend: str
-    reason: str  # e.g. "onnxruntime-gpu is not installed"
+    reason: str  # e.g. "onnxruntime-gpu is not installed (pip install onnxruntime-gpu)"
 
 
 class Session(Protocol):
     spec: ComponentSpec
     input_types: dict[str, np.dtype]
+    providers: tuple[str, ...]
 
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def keep(self, name: str, array: np.ndarray) -> None:
+        """Hold an input that stays the same across calls on the device; `run` may then omit it."""
 
 
 class Backend(Protocol):
@@ -48,7 +93,11 @@ class Backend(Protocol):
 
     def probe(self) -> Device | Unavailable: ...
 
-    def open(self, path: Path, spec: ComponentSpec, device: Device) -> Session: ...
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> Session: ...
+
+
+class MissingComponent(EdgediffError):
+    """The exported file is not there: no other backend would do better, so there is no fallback."""
 
 
 # ONNX Runtime's type strings for the tensor types our graphs use.
@@ -58,6 +107,7 @@ ORT_TYPES = {
     "tensor(double)": np.dtype(np.float64),
     "tensor(int64)": np.dtype(np.int64),
     "tensor(int32)": np.dtype(np.int32),
+    "tensor(bool)": np.dtype(np.bool_),
 }
 
 
@@ -66,51 +116,103 @@ class OrtSession:
 
     It checks each input's name before running and casts it to the dtype the graph declares, so the same
     pipeline runs fp32 exports, fp16 exports and optimum's folders (int32 `input_ids`) alike.
+
+    `providers` is what InferenceSession takes (names, or (name, options) pairs). `require` is the provider
+    that must really be running: ONNX Runtime drops a provider it cannot start (no CUDA libraries, say)
+    with a log line and carries on with the CPU, which would make a "CUDA" session silently 20x slower.
+    `bind_device` is where `keep` puts inputs: ("cuda", 0) on an NVIDIA GPU, ("cpu", 0) elsewhere.
     """
 
-    def __init__(self, path: Path, spec: ComponentSpec, providers: list, options=None):
+    def __init__(self, path: Path, spec: ComponentSpec, providers: list, options=None,
+                 require: str | None = None, bind_device: tuple[str, int] = ("cpu", 0)):
         import onnxruntime as ort
 
         if not path.is_file():
-            raise EdgediffError(f"{path} is missing; export the model again with `edgediff export`")
+            raise MissingComponent(f"{path} is missing; export the model again with `edgediff export`")
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as e:  # ORT raises its own exception types, and plain RuntimeError
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EdgediffError(f"{path} is not a valid ONNX model ({first[:200]}); "
-                                "export the model again with `edgediff export`") from None
+            raise EdgediffError(f"{path} is not a valid ONNX model, or {provider_names(providers)[0]} "
+                                f"cannot load it ({first_line(e)}); export the model again with "
+                                "`edgediff export`") from None
         self.spec = spec
         self.path = path
         self.providers = tuple(self._session.get_providers())
+        dropped = [p for p in provider_names(providers) if p not in self.providers]
+        if require is not None and require in dropped:
+            raise EdgediffError(f"ONNX Runtime could not start {require} for {spec.name} (its libraries, "
+                                "e.g. CUDA or cuDNN, are missing or do not match this onnxruntime build)")
+        if dropped:
+            log.warning("ONNX Runtime could not start %s for %s; running on %s", ", ".join(dropped),
+                        spec.name, ", ".join(self.providers))
         self.input_types = {i.name: ORT_TYPES.get(i.type, np.dtype(np.float32))
                             for i in self._session.get_inputs()}
         # optimum-onnx exports the UNet's timestep as a 0-d scalar; edgediff's take one per batch row
         self.scalar_inputs = {i.name for i in self._session.get_inputs() if i.shape == []}
         self.output_names = [o.name for o in self._session.get_outputs()]
+        self._bind_device = bind_device
+        self._binding = None  # an ort.IOBinding, made by the first `keep`
+        self._kept: dict[str, np.ndarray] = {}  # name -> the array given to `keep` (identity is the check)
+        self.uploads = 0  # inputs copied into device OrtValues by `keep`; tests check kept ones are not re-sent
+        self.bound_runs = 0  # runs that went through the IO binding
+
+    def keep(self, name: str, array: np.ndarray) -> None:
+        """Copy an input that does not change between calls (the text embeddings, the same for every
+        denoising step) to the session's device once. Later `run`s that omit it, or pass this very array,
+        use the bound copy; passing another array for it keeps that one instead. The array must not be
+        changed in place afterwards (the copy would not follow)."""
+        import onnxruntime as ort
+
+        if name not in self.input_types:
+            raise EdgediffError(f"{self.path}: the graph has no input {name!r} to keep "
+                                f"(its inputs: {', '.join(self.input_types)})")
+        if self._binding is None:
+            self._binding = self._session.io_binding()
+        value = ort.OrtValue.ortvalue_from_numpy(self._feed(name, array), *self._bind_device)
+        self._binding.bind_ortvalue_input(name, value)
+        self._kept[name] = array
+        self.uploads += 1
 
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        missing = set(self.input_types) - set(inputs)
+        for name, array in inputs.items():
+            if name in self._kept and self._kept[name] is not array:
+                self.keep(name, array)  # a new value for a kept input: send it once, and keep it
+        missing = set(self.input_types) - set(inputs) - set(self._kept)
         if missing:
             raise EdgediffError(f"{self.path}: the graph needs input(s) {sorted(missing)} that edgediff does "
                                 f"not provide for {self.spec.name}; is this a Stable Diffusion export?")
-        feeds = {name: np.ascontiguousarray(inputs[name], dtype=dtype)
-                 for name, dtype in self.input_types.items()}
-        for name in self.scalar_inputs:
-            value = feeds[name].reshape(-1)
-            if value.size == 0 or (value != value[0]).any():
-                raise EdgediffError(f"{self.path}: {name} is one scalar in this graph, but the batch needs "
-                                    f"{value.size} different values")
-            feeds[name] = np.asarray(value[0])
-        values = self._session.run(None, feeds)
+        feeds = {name: self._feed(name, inputs[name]) for name in self.input_types if name not in self._kept}
+        if not self._kept:
+            values = self._session.run(None, feeds)
+        else:
+            for name, value in feeds.items():
+                self._binding.bind_cpu_input(name, value)
+            # outputs come back to the host: the scheduler and the guidance are numpy
+            self._binding.clear_binding_outputs()
+            for name in self.output_names:
+                self._binding.bind_output(name, "cpu")
+            self._session.run_with_iobinding(self._binding)
+            values = self._binding.copy_outputs_to_cpu()
+            self.bound_runs += 1
         return {name: np.asarray(v) for name, v in zip(self.output_names, values)}
+
+    def _feed(self, name: str, array: np.ndarray) -> np.ndarray:
+        value = np.ascontiguousarray(array, dtype=self.input_types[name])
+        if name in self.scalar_inputs:
+            flat = value.reshape(-1)
+            if flat.size == 0 or (flat != flat[0]).any():
+                raise EdgediffError(f"{self.path}: {name} is one scalar in this graph, but the batch needs "
+                                    f"{flat.size} different values")
+            value = np.asarray(flat[0])
+        return value
 
 
 class OrtProviderBackend:
-    """A backend that is one ONNX Runtime execution provider (CUDA, MIGraphX/ROCm, CoreML).
+    """The part every accelerator backend shares: is its ONNX Runtime execution provider in this build?
 
-    This is the first rung; the device memory probes (NVML, amdsmi, the Mac's unified memory), the
-    provider options a plan sets and the Core ML artifacts come with the backend-dispatch issue.
-    `available_providers` can be injected so that tests run the probe on a machine without the hardware.
+    The cuda, rocm and coreml backends extend `probe` with the device's measured memory and version, and
+    `open` with their provider options. `available_providers` can be injected so that tests run the probe
+    on a machine without the hardware.
     """
 
     def __init__(self, name: str, providers: tuple[str, ...], missing_hint: str, available_providers=None):
@@ -128,15 +230,73 @@ class OrtProviderBackend:
             return []
         return ort.get_available_providers()
 
+    def _present(self) -> list[str]:
+        """The wanted providers this onnxruntime build has, in our order of preference."""
+        available = self._available_providers()
+        return [p for p in self._wanted if p in available]
+
     def probe(self) -> Device | Unavailable:
-        present = [p for p in self._wanted if p in self._available_providers()]
+        present = self._present()
         if not present:
             return Unavailable(self.name, self._missing_hint)
         return Device(self.name, present[0], (present[0], "CPUExecutionProvider"))
 
-    def open(self, path: Path, spec: ComponentSpec, device: Device) -> OrtSession:
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> OrtSession:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        return OrtSession(path, spec, list(device.providers), options)
+        return OrtSession(path, spec, list(device.providers), options, require=device.providers[0])
+
+
+def session_options():
+    """The session options every backend starts from."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT's warnings are about its internals
+    return options
+
+
+def provider_names(providers: list) -> list[str]:
+    return [p[0] if isinstance(p, tuple) else p for p in providers]
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def cache_root() -> Path:
+    """edgediff's cache folder (EDGEDIFF_CACHE, else the platform's): the rule of export.sources."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("EDGEDIFF_CACHE") or user_cache_dir("edgediff"))
+
+
+def artifact_key(path: Path) -> str:
+    """A short key that changes when the exported files of a component change (name, size, mtime of each
+    file in its folder, weights included). Engine caches (TensorRT) keyed only on the graph's structure
+    would serve a stale engine, with the old weights baked in, after a re-export to the same path."""
+    import hashlib
+
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in sorted(path.parent.iterdir()) if path.parent.is_dir() else ():
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def export_dtype(path: Path) -> str:
+    """The dtype the component's graph was exported in ("fp32" or "fp16"), from the model's edgediff.json
+    (`<model>/<component>/model.onnx` -> `<model>/edgediff.json`); fp32 when there is no manifest
+    (optimum's folders)."""
+    manifest = path.parent.parent / "edgediff.json"
+    try:
+        data = json.loads(manifest.read_text())
+        component = data.get("components", {}).get(path.parent.name, {})
+        return str(component.get("dtype") or data.get("dtype") or "fp32")
+    except (OSError, ValueError, AttributeError):
+        return "fp32"

@@ -63,6 +63,7 @@ def build_sd15(out: Path | None = None) -> Path:
             "scheduler": ["diffusers", "PNDMScheduler"],
             "safety_checker": [None, None], "feature_extractor": [None, None],
         }, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model is an ordinary folder
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

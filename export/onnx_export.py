@@ -40,6 +40,7 @@ import numpy as np
 from ..engine.clip_vocab import add_vocab_files
 from ..engine.components import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
 from ..engine.errors import EdgediffError
+from . import memory_profile
 from .attention import DEFAULT_SLICES, VARIANTS
 
 log = logging.getLogger("edgediff")
@@ -112,14 +113,18 @@ class ComponentReport:
     seconds: float
     fp32_nodes: int = 0  # fp16 exports: nodes kept fp32 (FP16_KEEP and calibration)
     nodes: int = 0
+    # activation memory by size, from the graph (export/memory_profile.py): what the planner reads
+    activations: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
 def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), force: bool = False,
-                name: str | None = None, source: dict | None = None) -> dict:
+                name: str | None = None, source: dict | None = None, profile_memory: bool = True) -> dict:
     """Export the diffusers folder `src` to `out` and return the manifest (also written to
     out/edgediff.json). `name` is the model's name in PNG metadata (default: the source folder's name);
-    `source` describes where the folder came from (export/sources.py) for the manifest."""
+    `source` describes where the folder came from (export/sources.py) for the manifest.
+    `profile_memory=False` skips the activation profile the planner reads (a few seconds per model):
+    the tests that only check graphs do without it."""
     import torch
 
     src, out = Path(src), Path(out)
@@ -129,7 +134,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with torch.no_grad(), _quiet():
-            reports = _export_all(src, tmp, options)
+            reports = _export_all(src, tmp, options, profile_memory)
         from .. import __version__
 
         manifest = {
@@ -218,7 +223,7 @@ def _check_source(src: Path) -> None:
         raise EdgediffError(f"{src} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}")
 
 
-def _export_all(src: Path, tmp: Path, options: ExportOptions) -> list[ComponentReport]:
+def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bool) -> list[ComponentReport]:
     import torch
 
     from . import wrappers
@@ -232,6 +237,8 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions) -> list[ComponentR
     unet_config = json.loads((src / "unet" / "config.json").read_text())
     size = unet_config.get("sample_size", 64)
     size = size[0] if isinstance(size, (list, tuple)) else size
+    vae_config = json.loads((src / "vae" / "config.json").read_text())
+    vae_scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
     reports = []
 
     def job(spec, load, make_args, config_dir, has_attention=False):
@@ -243,6 +250,8 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions) -> list[ComponentR
         holder = [module]
         del module, config  # _export_one frees the weights before ONNX Runtime loads its copy
         reports.append(_export_one(spec, holder, args, folder / "model.onnx", options, has_attention))
+        if profile_memory and spec.name != SAFETY_CHECKER.name:  # the checker's input is fixed at 224 px: no size to plan for
+            reports[-1].activations = memory_profile.profile(folder / "model.onnx", spec, vae_scale)
         r = reports[-1]
         bar.update(1)
         log.info("exported %s: %.1f s, %s, PSNR %s dB against PyTorch", spec.name, r.seconds, r.dtype,

@@ -34,7 +34,7 @@ def exports(tiny, tmp_path_factory):
         key = (kind, options.key())
         if key not in made:
             made[key] = root / f"{kind}-{options.key()}"
-            export_onnx(tiny(kind)[0], made[key], options)
+            export_onnx(tiny(kind)[0], made[key], options, profile_memory=False)
         return made[key]
     return get
 
@@ -185,7 +185,7 @@ def test_fp16_vae_decoder_does_not_overflow(tiny, tmp_path):
     assert float(hidden.abs().max()) > 65504 and np.isfinite(want).all()
 
     fp32 = tmp_path / "fp32"
-    export_onnx(src, fp32)
+    export_onnx(src, fp32, profile_memory=False)
     naive = OnnxModel(onnx.load(str(fp32 / "vae_decoder" / "model.onnx")))
     naive.convert_float_to_float16(keep_io_types=True)
     onnx.save(naive.model, str(tmp_path / "naive.onnx"))
@@ -193,7 +193,7 @@ def test_fp16_vae_decoder_does_not_overflow(tiny, tmp_path):
     assert not np.isfinite(broken["sample"]).all()  # the bug users know, reproduced
 
     fp16 = tmp_path / "fp16"
-    m = export_onnx(src, fp16, ExportOptions(dtype="fp16"))
+    m = export_onnx(src, fp16, ExportOptions(dtype="fp16"), profile_memory=False)
     got = OrtSession(fp16 / "vae_decoder" / "model.onnx", VAE_DECODER,
                      ["CPUExecutionProvider"]).run(latent_sample=z.numpy())["sample"]
     assert np.isfinite(got).all()
@@ -217,7 +217,7 @@ def test_output_folder_holding_something_else_is_refused_unless_forced(tiny, tmp
     with pytest.raises(EdgediffError, match="already holds 1 other entries.*--force"):
         export_onnx(tiny("sd1")[0], out)
     assert (out / "notes.txt").read_text() == "mine"
-    export_onnx(tiny("sd1")[0], out, force=True)
+    export_onnx(tiny("sd1")[0], out, force=True, profile_memory=False)
     assert (out / "edgediff.json").is_file() and not (out / "notes.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 

@@ -105,6 +105,6 @@ def test_other_export_options_still_draw_the_captions(tmp_path_factory, options)
     from edgediff.export.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("builtin-options") / "onnx"
-    export_onnx(MODEL_DIR, out, options, name="builtin")
+    export_onnx(MODEL_DIR, out, options, name="builtin", profile_memory=False)
     result = evaluate(Pipeline.from_pretrained(out, backend="cpu"), steps=20, count=20)
     assert result.rate >= SCHEDULER_BARS["euler"], result.failures

@@ -128,3 +128,15 @@ def test_coreml_refuses_fp32_before_doing_anything(tiny, tmp_path, capsys):
                  "--dtype", "fp32"])
     err = capsys.readouterr().err
     assert code == 2 and "compute in fp16" in err and not (tmp_path / "o").exists()
+
+
+def test_broken_checkpoint_through_the_command_line(tiny, tmp_path, capsys):
+    single = folder_to_single_file(tiny("sd1")[0], tmp_path / "model.safetensors", open_clip=False)
+    data = single.read_bytes()
+    single.write_bytes(data[: len(data) // 2])  # an interrupted download
+    code = main(["export", str(single), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("edgediff: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "model.safetensors" in lines[0] and "re-download" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no output, no scratch

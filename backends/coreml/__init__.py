@@ -1,8 +1,121 @@
-"""Apple Silicon through ONNX Runtime's CoreML execution provider, for ONNX-only exports. Running the
-Core ML artifacts themselves through coremltools comes with the export issue's Core ML stage."""
+"""Apple Silicon: the Core ML packages of `edgediff export --format coreml` through coremltools, and
+ONNX-only exports through ONNX Runtime's CoreML execution provider.
 
-from ..base import OrtProviderBackend
+The probe reads the Mac: unified memory (sysctl hw.memsize), what is free (vm_stat), the chip's name and
+the macOS version. Core ML packages need coremltools and macOS 13 (the packages' deployment target);
+the probe checks that coremltools is installed without importing it, since its import pulls in torch.
 
-BACKEND = OrtProviderBackend(
-    "coreml", ("CoreMLExecutionProvider",),
-    "not on macOS, or this onnxruntime build has no CoreML execution provider")
+What is not run here (no Mac on the development machines): any prediction. The probe runs against
+simulated sysctl and vm_stat answers, the provider options are checked as built, and the Core ML
+session's input conversion runs against a stand-in MLModel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+from pathlib import Path
+
+from ...engine.components import ComponentSpec
+from ...engine.errors import EdgediffError
+from .. import host
+from ..base import Device, OrtProviderBackend, OrtSession, Session, Unavailable, session_options
+from .session import COMPUTE_UNITS, CoreMLSession, load_mlmodel, package_compute_units, read_package_spec
+
+COREML = "CoreMLExecutionProvider"
+MIN_MACOS = (13,)  # the packages' minimum deployment target (coreml_export.DEPLOYMENT_TARGET)
+MISSING = ("this onnxruntime build has no CoreML execution provider, and coremltools is not installed "
+           "(pip install coremltools)")
+# ONNX Runtime's names for Core ML's compute units (its coreml_options.cc), by coremltools' names.
+ORT_COMPUTE_UNITS = {"ALL": "ALL", "CPU_ONLY": "CPUOnly", "CPU_AND_GPU": "CPUAndGPU",
+                     "CPU_AND_NE": "CPUAndNeuralEngine"}
+
+
+def coreml_provider_options(compute_units: str = "ALL") -> dict[str, str]:
+    """The CoreML execution provider's options (ONNX Runtime 1.20 and later take them by name)."""
+    return {
+        # ML Program: Core ML's current format, with fp16 and the GPU/Neural Engine ops SD needs; the older
+        # NeuralNetwork format is what the provider builds otherwise.
+        "ModelFormat": "MLProgram",
+        "MLComputeUnits": ORT_COMPUTE_UNITS[compute_units],
+        # Our graphs have dynamic batch and size axes; "1" would leave every node with such an input on the
+        # CPU. No ModelCacheDirectory either: its cache is keyed on the model's path, and a re-export to
+        # the same folder would be served the old compiled model.
+        "RequireStaticInputShapes": "0",
+    }
+
+
+def find_package(path: Path) -> Path | None:
+    """The Core ML package for the component at `path`: `path` itself when it is one, else the
+    `model.mlpackage` beside `<component>/model.onnx`."""
+    if path.suffix == ".mlpackage":
+        return path if path.exists() else None
+    beside = path.parent / "model.mlpackage"
+    return beside if beside.exists() else None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".") if p.isdigit())
+
+
+class CoreMLBackend(OrtProviderBackend):
+    """Probe inputs, each injectable: `available_providers()`, `system()`, `machine()`, `mac_version()`
+    ("14.4.1"), `run(args) -> stdout | None` (sysctl, vm_stat), `has_coremltools() -> bool`. Session inputs:
+    `load_model(path, compute_units)` and `read_spec(path)`, coremltools' by default."""
+
+    def __init__(self, available_providers=None, system=None, machine=None, mac_version=None, run=None,
+                 has_coremltools=None, load_model=None, read_spec=None):
+        super().__init__("coreml", (COREML,), MISSING, available_providers)
+        self._system = system or platform.system
+        self._machine = machine or platform.machine
+        self._mac_version = mac_version or (lambda: platform.mac_ver()[0])
+        self._run = run or host.run_command
+        self._has_coremltools = has_coremltools or (lambda: importlib.util.find_spec("coremltools") is not None)
+        self._load_model = load_model or load_mlmodel
+        self._read_spec = read_spec or read_package_spec
+
+    def probe(self) -> Device | Unavailable:
+        system, machine = self._system(), self._machine()
+        if system != "Darwin" or machine != "arm64":
+            if system == "Darwin" and (self._run(["sysctl", "-n", "sysctl.proc_translated"]) or "").strip() == "1":
+                return Unavailable(self.name, "this Python is an x86_64 build running under Rosetta on Apple "
+                                              "Silicon; install an arm64 Python to use Core ML")
+            where = "macOS" if system == "Darwin" else system or "an unknown OS"
+            return Unavailable(self.name, f"not on macOS with Apple Silicon (this is {where} {machine})")
+        version = self._mac_version()
+        packages = self._has_coremltools() and _version(version) >= MIN_MACOS
+        onnx = bool(self._present())
+        if not packages and not onnx:
+            return Unavailable(self.name, f"macOS {version} on Apple Silicon, but {MISSING}")
+        notes = []
+        if not packages:
+            notes.append("Core ML packages need coremltools (pip install coremltools) on macOS 13 or later")
+        if not onnx:
+            notes.append("ONNX exports need an onnxruntime with the CoreML provider (pip install onnxruntime)")
+        total, free = host.mac_memory(self._run)
+        if free is None:
+            notes.append("free memory unknown (vm_stat gave nothing)")
+        brand = (self._run(["sysctl", "-n", "machdep.cpu.brand_string"]) or "").strip()
+        return Device(self.name, brand or "Apple Silicon", (COREML, "CPUExecutionProvider") if onnx else (),
+                      total_memory=total, free_memory=free, unified_memory=True,
+                      fp16=True,  # the GPU and the Neural Engine compute in fp16 natively (the ANE only so)
+                      driver=f"macOS {version}", compute_units=COMPUTE_UNITS if packages else (),
+                      cores=host.cores(), notes=tuple(notes))
+
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> Session:
+        # memory_limit: Core ML has no allocator cap; on unified memory the plan's prediction is the guard.
+        package = find_package(path)
+        if package is not None and device.compute_units:
+            units = package_compute_units(self._read_spec(package))
+            return CoreMLSession(package, spec, units, load=self._load_model)
+        if COREML in device.providers and path.suffix == ".onnx":
+            return OrtSession(path, spec, [(COREML, coreml_provider_options()), "CPUExecutionProvider"],
+                              session_options(), require=COREML)
+        if package is not None:
+            raise EdgediffError(f"{package} is a Core ML package, which needs coremltools on macOS 13 or later "
+                                "(pip install coremltools)")
+        raise EdgediffError(f"{path}: ONNX exports need an onnxruntime with the CoreML provider on the Mac; "
+                            "or export Core ML packages with `edgediff export --format coreml`")
+
+
+BACKEND = CoreMLBackend()

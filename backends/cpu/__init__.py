@@ -1,67 +1,88 @@
-"""CPU backend: ONNX Runtime's CPU execution provider, the fallback that always runs."""
+"""CPU backend: ONNX Runtime's CPU execution provider, the fallback that always runs.
+
+Memory is the host's: /proc/meminfo on Linux (MemAvailable), sysctl and vm_stat on macOS,
+GlobalMemoryStatusEx on Windows. Threads: one per core this process may use.
+"""
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 
 from ...engine.components import ComponentSpec
-from ..base import Device, OrtSession, Unavailable
+from .. import host
+from ..base import Device, OrtSession, Unavailable, session_options
 
 
-def _cores() -> int:
-    # The cores this process may run on (containers and taskset restrict them), not the machine's.
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+def _cpu_name(system: str, run) -> str:
+    if system == "Linux":
+        for line in (host.read_text("/proc/cpuinfo") or "").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    elif system == "Darwin":
+        brand = run(["sysctl", "-n", "machdep.cpu.brand_string"])
+        if brand and brand.strip():
+            return brand.strip()
     return platform.processor() or platform.machine() or "CPU"
 
 
-def _memory() -> tuple[int | None, int | None]:
-    """Total and available host memory in bytes, from /proc/meminfo where there is one."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        kib = lambda key: int(fields[key].split()[0]) * 1024  # noqa: E731
-        return kib("MemTotal"), kib("MemAvailable")
-    except (OSError, KeyError, ValueError):
-        return None, None
-
-
 class CpuBackend:
+    """Probe inputs, each injectable: `available_providers()`, `system()` ("Linux", "Darwin", "Windows"),
+    `meminfo()` (the text of /proc/meminfo), `run(args) -> stdout | None` (sysctl, vm_stat), `cores()`,
+    `cpu_name()`."""
+
     name = "cpu"
 
-    def probe(self) -> Device | Unavailable:
+    def __init__(self, available_providers=None, system=None, meminfo=None, run=None, cores=None,
+                 cpu_name=None):
+        self._available = available_providers
+        self._system = system or platform.system
+        self._meminfo = meminfo or (lambda: host.read_text("/proc/meminfo"))
+        self._run = run or host.run_command
+        self._cores = cores or host.cores
+        self._cpu_name = cpu_name
+
+    def _available_providers(self) -> list[str] | None:
+        if self._available is not None:
+            return list(self._available())
         try:
             import onnxruntime as ort
         except ImportError:
+            return None
+        return ort.get_available_providers()
+
+    def _memory(self, system: str) -> tuple[int | None, int | None]:
+        if system == "Linux":
+            return host.parse_meminfo(self._meminfo())
+        if system == "Darwin":
+            return host.mac_memory(self._run)
+        if system == "Windows":
+            return host.windows_memory()
+        return host.sysconf_total(), None
+
+    def probe(self) -> Device | Unavailable:
+        providers = self._available_providers()
+        if providers is None:
             return Unavailable(self.name, "onnxruntime is not installed (pip install onnxruntime)")
-        if "CPUExecutionProvider" not in ort.get_available_providers():
+        if "CPUExecutionProvider" not in providers:
             return Unavailable(self.name, "this onnxruntime build has no CPU execution provider")
-        total, free = _memory()
-        name = _cpu_name()
-        return Device(self.name, f"{name} ({_cores()} cores)", ("CPUExecutionProvider",),
-                      total_memory=total, free_memory=free, unified_memory=True)
+        system = self._system()
+        total, free = self._memory(system)
+        cores = self._cores()
+        name = self._cpu_name() if self._cpu_name else _cpu_name(system, self._run)
+        return Device(self.name, f"{name} ({cores} cores)", ("CPUExecutionProvider",),
+                      total_memory=total, free_memory=free, unified_memory=True,
+                      # ORT's CPU kernels run most fp16 ops by casting to fp32 and back (MLAS has fp16
+                      # GEMM/conv only on ARM64 with the FP16 extension), so fp16 saves memory, not time.
+                      fp16=False, driver=host.os_version(system), cores=cores,
+                      notes=() if total else ("host memory unknown on this OS",))
 
-    def open(self, path: Path, spec: ComponentSpec, device: Device) -> OrtSession:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> OrtSession:
+        # memory_limit: ONNX Runtime has no cap on CPU memory; the plan's prediction is the guard here.
+        options = session_options()
         # One thread per core we may use: more threads than cores only adds contention.
-        options.intra_op_num_threads = _cores()
+        options.intra_op_num_threads = device.cores or host.cores()
         options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: ORT's warnings are about its internals
         return OrtSession(path, spec, ["CPUExecutionProvider"], options)
 
 

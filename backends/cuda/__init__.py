@@ -1,8 +1,181 @@
-"""NVIDIA GPUs through ONNX Runtime's CUDA execution provider (package onnxruntime-gpu)."""
+"""NVIDIA GPUs through ONNX Runtime's CUDA execution provider (package onnxruntime-gpu), with TensorRT's
+provider first when the build has it and the user asks for it (EDGEDIFF_TENSORRT=1).
 
-from ..base import OrtProviderBackend
+The probe reads the GPU through NVML (package nvidia-ml-py, imported as `pynvml`; it needs no GPU to
+import): name, total and free memory, driver version, compute capability. Without nvidia-ml-py the
+backend still runs, with memory unknown.
 
-BACKEND = OrtProviderBackend(
-    "cuda", ("CUDAExecutionProvider",),
-    "onnxruntime-gpu is not installed, or this build has no CUDA execution provider "
-    "(pip install onnxruntime-gpu)")
+What is not run here (no NVIDIA GPU on the development machines): a session on the GPU. The probe runs
+against simulated NVML answers, the provider options are checked as built, and a session asked for CUDA
+on a machine without it is checked to fall back to the CPU with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ...engine.components import ComponentSpec
+from ..base import (GiB, Device, OrtProviderBackend, OrtSession, Unavailable, artifact_key, cache_root,
+                    export_dtype, first_line, session_options)
+
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+TENSORRT_ENV = "EDGEDIFF_TENSORRT"  # "1": put TensorRT's provider first when the build has it
+# Tensor cores (Volta, sm_70) are what make fp16 fast: 8x the fp32 rate on matrix products. Consumer
+# Pascal (sm_61) runs fp16 arithmetic at 1/64 of its fp32 rate; only the P100 (sm_60) was an exception.
+FP16_FAST_FROM = (7, 0)
+# Scratch memory TensorRT's tactics may use while building and running an engine; ORT's old default, ample
+# for SD's convolutions. Under a memory limit it gets at most a quarter of it.
+TRT_WORKSPACE = 1 * GiB
+
+MISSING = "onnxruntime-gpu is not installed (pip install onnxruntime-gpu)"
+SHADOWED = ("onnxruntime-gpu is installed, but the CPU-only onnxruntime package shadows it (pip uninstall -y "
+            "onnxruntime onnxruntime-gpu, then pip install onnxruntime-gpu)")
+
+
+def cuda_provider_options(device_id: int, memory_limit: int | None = None) -> dict[str, str]:
+    """The CUDA execution provider's options (ONNX Runtime takes strings)."""
+    options = {
+        "device_id": str(device_id),
+        # A plan sized the memory: grow the arena by what is asked. The default, kNextPowerOfTwo, rounds each
+        # extension up to a power of two, so a 2.1 GB request can reserve 4 GB and break the budget.
+        "arena_extend_strategy": "kSameAsRequested",
+        # cuDNN times every convolution algorithm once per input shape and keeps the fastest. SD calls the
+        # UNet with one shape 20-50 times per image, so the search (once, seconds) pays for itself, where
+        # HEURISTIC guesses without timing.
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        # Copies run on the compute stream, so IO binding needs no cross-stream synchronisation.
+        "do_copy_in_default_stream": "1",
+    }
+    if memory_limit:
+        # Caps ORT's arena (weights and activations); the CUDA context and cuDNN/cuBLAS handles are outside
+        # it, so the planner subtracts them from the budget before passing the limit.
+        options["gpu_mem_limit"] = str(int(memory_limit))
+    return options
+
+
+def tensorrt_provider_options(device_id: int, fp16: bool, cache_dir: Path,
+                              memory_limit: int | None = None) -> dict[str, str]:
+    """TensorRT's provider options. `fp16` follows the graph's dtype: with it, an fp32 graph would be run in
+    fp16 where TensorRT finds it faster, moving numerics away from what the export checked (and the VAE
+    overflows in fp16); without it, an fp16 graph would be run in fp32 (TensorRT treats types as hints)."""
+    workspace = TRT_WORKSPACE if not memory_limit else min(TRT_WORKSPACE, int(memory_limit) // 4)
+    return {
+        "device_id": str(device_id),
+        "trt_fp16_enable": "1" if fp16 else "0",
+        # Building an engine for the UNet takes minutes; the cache makes it once per model, shape and GPU.
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_max_workspace_size": str(workspace),
+    }
+
+
+def providers_for(device: Device, path: Path, memory_limit: int | None = None) -> list:
+    """InferenceSession's provider list for the component at `path` on `device`: TensorRT first if the
+    probe chose it, then CUDA, then the CPU for the few ops neither has."""
+    providers: list = []
+    if TENSORRT in device.providers:
+        cache = cache_root() / "tensorrt" / f"{path.parent.name}-{artifact_key(path)}"
+        cache.mkdir(parents=True, exist_ok=True)
+        providers.append((TENSORRT, tensorrt_provider_options(device.device_id, export_dtype(path) == "fp16",
+                                                               cache, memory_limit)))
+    providers.append((CUDA, cuda_provider_options(device.device_id, memory_limit)))
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+def _installed(distribution: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(distribution)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def _import_pynvml():
+    import pynvml
+
+    return pynvml
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)  # nvidia-ml-py < 11.515 gives bytes
+
+
+class CudaBackend(OrtProviderBackend):
+    """Probe inputs, each injectable: `available_providers()`; `nvml()` returns the pynvml module (raises
+    ImportError without nvidia-ml-py); `tensorrt` (None: read EDGEDIFF_TENSORRT); `environ` (for
+    CUDA_VISIBLE_DEVICES); `installed(distribution) -> bool`."""
+
+    def __init__(self, available_providers=None, nvml=None, tensorrt: bool | None = None, environ=None,
+                 installed=None, device_id: int = 0):
+        super().__init__("cuda", (CUDA,), MISSING, available_providers)
+        self._nvml = nvml or _import_pynvml
+        self._tensorrt = tensorrt
+        self._environ = os.environ if environ is None else environ
+        self._installed = installed or _installed
+        self.device_id = device_id
+
+    def _nvml_index(self) -> int:
+        """NVML numbers GPUs by PCI bus and ignores CUDA_VISIBLE_DEVICES; CUDA device `device_id` is the
+        `device_id`-th entry of that variable when it lists indices."""
+        visible = [v.strip() for v in self._environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if len(visible) > self.device_id and visible[self.device_id].isdigit():
+            return int(visible[self.device_id])
+        return self.device_id
+
+    def probe(self) -> Device | Unavailable:
+        available = self._available_providers()
+        if CUDA not in available:
+            return Unavailable(self.name, SHADOWED if self._installed("onnxruntime-gpu") else MISSING)
+        notes = []
+        asked = self._tensorrt if self._tensorrt is not None else self._environ.get(TENSORRT_ENV) == "1"
+        if asked and TENSORRT not in available:
+            notes.append(f"{TENSORRT_ENV}=1, but this onnxruntime build has no TensorRT provider")
+        elif TENSORRT in available and not asked:
+            notes.append(f"TensorRT provider present: set {TENSORRT_ENV}=1 to use it")
+        providers = ((TENSORRT,) if asked and TENSORRT in available else ()) + (CUDA, "CPUExecutionProvider")
+
+        try:
+            nvml = self._nvml()
+        except ImportError:
+            return Device(self.name, f"CUDA device {self.device_id}", providers, device_id=self.device_id,
+                          notes=tuple(notes) + ("memory unknown: nvidia-ml-py is not installed "
+                                                "(pip install nvidia-ml-py)",))
+        try:
+            nvml.nvmlInit()
+        except Exception as e:  # pynvml.NVMLError_LibraryNotFound, _DriverNotLoaded, ...
+            return Unavailable(self.name, f"CUDA provider present but no NVIDIA driver found (NVML: {first_line(e)})")
+        try:
+            count = nvml.nvmlDeviceGetCount()
+            index = self._nvml_index()
+            if index >= count:
+                return Unavailable(self.name, f"CUDA provider present but NVML sees {count} NVIDIA GPU(s), "
+                                              f"so there is no device {index}")
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)  # bytes: .total, .free, .used
+            capability = tuple(int(v) for v in nvml.nvmlDeviceGetCudaComputeCapability(handle))
+            return Device(self.name, _text(nvml.nvmlDeviceGetName(handle)), providers,
+                          total_memory=int(memory.total), free_memory=int(memory.free),
+                          fp16=capability >= FP16_FAST_FROM,
+                          driver=f"NVIDIA driver {_text(nvml.nvmlSystemGetDriverVersion())}",
+                          device_id=self.device_id, compute_capability=capability, notes=tuple(notes))
+        except Exception as e:
+            return Unavailable(self.name, f"CUDA provider present but NVML could not read the GPU ({first_line(e)})")
+        finally:
+            try:
+                nvml.nvmlShutdown()
+            except Exception:
+                pass
+
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> OrtSession:
+        return OrtSession(path, spec, providers_for(device, path, memory_limit), session_options(),
+                          require=CUDA, bind_device=("cuda", device.device_id))
+
+
+BACKEND = CudaBackend()

@@ -1,0 +1,104 @@
+"""Facts about the host machine that more than one backend reads: memory, cores, macOS's counters.
+
+Every function takes the text it parses (or a command runner) as an argument, so tests feed it an M1's
+`vm_stat` or an 8 GB PC's /proc/meminfo. Nothing here raises: what cannot be read is None.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+
+def run_command(args: list[str]) -> str | None:
+    """stdout of a short system command, or None when it is missing or fails."""
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def cores() -> int:
+    # The cores this process may run on (containers and taskset restrict them), not the machine's.
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call in the stdlib
+        return os.cpu_count() or 1
+
+
+def os_version(system: str | None = None) -> str:
+    system = system or platform.system()
+    if system == "Darwin":
+        return f"macOS {platform.mac_ver()[0]}"
+    return f"{system} {platform.release()}".strip()
+
+
+def parse_meminfo(text: str | None) -> tuple[int | None, int | None]:
+    """Total and available bytes from Linux's /proc/meminfo. MemAvailable is the kernel's own estimate of
+    what can be allocated without swapping (free + reclaimable page cache), not MemFree."""
+    if not text:
+        return None, None
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if value.split() and value.split()[0].isdigit():
+            fields[key.strip()] = int(value.split()[0]) * 1024  # kB
+    return fields.get("MemTotal"), fields.get("MemAvailable")
+
+
+def parse_vm_stat(text: str | None) -> int | None:
+    """Bytes macOS can hand out without swapping, from `vm_stat`: free + inactive + speculative pages, the
+    "available" of Activity Monitor. The page size is in the header (16 KiB on Apple Silicon)."""
+    if not text:
+        return None
+    size = re.search(r"page size of (\d+) bytes", text)
+    pages = dict(re.findall(r'^"?Pages ([a-z ]+)"?:\s+(\d+)\.', text, re.M))
+    if not size or not {"free", "inactive", "speculative"} <= set(pages):
+        return None
+    return int(size.group(1)) * sum(int(pages[k]) for k in ("free", "inactive", "speculative"))
+
+
+def mac_memory(run=run_command) -> tuple[int | None, int | None]:
+    """Total (sysctl hw.memsize) and available (vm_stat) memory of a Mac."""
+    total = run(["sysctl", "-n", "hw.memsize"])
+    total = int(total.strip()) if total and total.strip().isdigit() else None
+    return total, parse_vm_stat(run(["vm_stat"]))
+
+
+def windows_memory() -> tuple[int | None, int | None]:
+    """Total and available physical memory through kernel32's GlobalMemoryStatusEx (stdlib ctypes)."""
+    import ctypes
+
+    class MemoryStatus(ctypes.Structure):
+        _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                    ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                    ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                    ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                    ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+    status = MemoryStatus()
+    status.dwLength = ctypes.sizeof(MemoryStatus)
+    try:
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):  # type: ignore[attr-defined]
+            return int(status.ullTotalPhys), int(status.ullAvailPhys)
+    except (AttributeError, OSError):
+        pass
+    return None, None
+
+
+def sysconf_total() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
