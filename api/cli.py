@@ -88,10 +88,23 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change it (0-1)")
     gen.add_argument("--mask", default=None, help="inpainting: white where to paint, black to keep")
     gen.add_argument("--backend", default="auto", help="auto, cpu, cuda, rocm or coreml")
+    gen.add_argument("--budget", default=None,
+                     help="memory budget, e.g. 4GB (default: 7GB, capped by what the device has free)")
     gen.add_argument("--no-safety-checker", action="store_true",
                      help="do not run the model's safety checker (which blacks out flagged images)")
     gen.add_argument("--out", default="out.png", help="PNG to write; a batch adds -1, -2, ...")
     gen.set_defaults(run=_generate)
+
+    plan = sub.add_parser("plan", help="print the memory plan a generation would follow, without generating")
+    plan.add_argument("--model", required=True, help="an exported folder, or any export source")
+    plan.add_argument("--width", type=int, default=None)
+    plan.add_argument("--height", type=int, default=None)
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--guidance", type=float, default=7.5, help="1 or less: no unconditional pass")
+    plan.add_argument("--img2img", action="store_true", help="plan for an init image (the VAE encoder runs)")
+    plan.add_argument("--budget", default=None, help="e.g. 4GB (default: 7GB, capped by free memory)")
+    plan.add_argument("--backend", default="auto", help="auto, cpu, cuda, rocm or coreml")
+    plan.set_defaults(run=_plan)
 
     devices = sub.add_parser("devices", help="list the backends and what each would run on")
     devices.set_defaults(run=_devices)
@@ -125,7 +138,8 @@ def _generate(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise EdgediffError(f"--out {out} should end in .png")
-    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, safety_checker=not args.no_safety_checker)
+    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, safety_checker=not args.no_safety_checker,
+                                    memory_budget=args.budget)
     result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   scheduler=args.scheduler, num_images_per_prompt=args.batch, image=args.init_image,
@@ -137,6 +151,12 @@ def _generate(args) -> None:
         save_png(image, path, params.a1111())
         print(f"wrote {path} (seed {params.seed})" + (": flagged by the safety checker, blacked out" if nsfw else ""))
     print(f"backend: {pipe.device.backend} ({pipe.device.name}); " + _format_timings(result.timings))
+    print(f"plan: {result.plan.summary()}")
+    if result.peak_memory:
+        print(f"memory: predicted peak {result.plan.predicted_peak / 2**30:.2f} GB, measured "
+              f"{result.peak_memory / 2**30:.2f} GB (process resident peak)")
+    for name in result.fp32_reruns:
+        print(f"note: the fp16 {name} overflowed and was re-run in fp32")
 
 
 DEMO_CAPTIONS = (
@@ -181,6 +201,25 @@ def _demo(args) -> None:
           f"{sum(totals.values()) / n * 1000:.0f} ms per image on average; "
           f"export {prepared:.2f} s (cached after the first run), sessions {opened:.2f} s")
     print(f"wrote {n} PNGs and {sheet.resolve()}")
+
+
+def _plan(args) -> None:
+    from .backends import select
+    from .engine.model_folder import read_model_folder
+    from .engine.plan import Request, make_plan, parse_budget
+
+    budget = parse_budget(args.budget)  # before anything slow: a bad budget is a typo
+    folder = Path(args.model)
+    if not (folder / "unet" / "model.onnx").is_file():
+        from .export.sources import ensure_exported
+
+        folder = ensure_exported(args.model)
+    model = read_model_folder(folder)
+    _, device = select(args.backend)
+    width, height = args.width or model.native_size, args.height or model.native_size
+    plan = make_plan(model, Request(width, height, args.batch, cfg=args.guidance > 1, img2img=args.img2img),
+                     device, budget)
+    print(plan.describe())
 
 
 def _devices(args) -> None:

@@ -20,6 +20,11 @@ from .measure import run_measured
 from .sd15 import build_sd15
 
 
+def exported_sd15(dtype: str = "fp32") -> Path:
+    """Where the benchmarks keep edgediff's export of bench/sd15.py's model."""
+    return build_sd15().parent / f"{build_sd15().name}-onnx-{dtype}"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m edgediff.bench.export_memory", description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
@@ -28,14 +33,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     src = build_sd15()
+    out = exported_sd15(args.dtype)  # kept: the planner's and the benchmark's measurements run it
     rows = []
     with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
-        ours = run_measured([sys.executable, "-m", "edgediff.cli", "export", str(src), "--out",
-                             str(Path(tmp) / "edgediff"), "--dtype", args.dtype])
+        ours = run_measured([sys.executable, "-m", "edgediff.cli", "export", str(src), "--out", str(out),
+                             "--dtype", args.dtype, "--force"])
         rows.append(("edgediff export", ours))
         if ours.returncode:
             sys.exit(f"edgediff export failed:\n{ours.output[-2000:]}")
-        sizes = json.loads((Path(tmp) / "edgediff" / "edgediff.json").read_text())["components"]
+        sizes = json.loads((out / "edgediff.json").read_text())["components"]
         if args.optimum_python:
             theirs = run_measured([args.optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx",
                                    "--model", str(src), "--task", "text-to-image", str(Path(tmp) / "optimum")])

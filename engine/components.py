@@ -68,4 +68,9 @@ SAFETY_CHECKER = ComponentSpec(
     required=False,
 )
 
+# An fp16 export keeps its VAE decoder's fp32 graph beside it under this name: the runtime re-runs a
+# decode that overflowed (inf/NaN, the black image) with it, as A1111's --no-half-vae would.
+FP32_FALLBACK = "model_fp32.onnx"
+FP32_FALLBACK_COMPONENTS = ("vae_decoder",)
+
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, SAFETY_CHECKER)

@@ -10,6 +10,7 @@ latents the images match diffusers' to over 40 dB PSNR (tests/test_parity.py). N
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from contextlib import contextmanager
@@ -21,7 +22,9 @@ import numpy as np
 from PIL import Image
 
 from . import noise as rnd
-from .components import COMPONENTS, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
+from .plan import Plan, Request, make_plan, parse_budget
+from .tiling import tiled
+from .components import COMPONENTS, FP32_FALLBACK, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
 from .errors import EdgediffError
 from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
 from .model_folder import LATENT_CHANNELS, ModelInfo, read_model_folder
@@ -51,23 +54,33 @@ class GenerationResult:
     cancelled: bool = False  # the callback returned False; `images` is then empty
     # diffusers' name: image k was flagged by the model's safety checker and is black
     nsfw_content_detected: list[bool] = field(default_factory=list)
+    plan: Plan | None = None  # the memory plan this generation followed
+    peak_memory: int | None = None  # bytes: the process's peak resident memory during the call (Linux)
+    # fp16 components whose output overflowed and that were re-run from their fp32 artifact
+    fp32_reruns: list[str] = field(default_factory=list)
 
 
 class Pipeline:
-    def __init__(self, model: ModelInfo, backend, device, tokenizer: ClipTokenizer, safety_checker: bool = True):
+    def __init__(self, model: ModelInfo, backend, device, tokenizer: ClipTokenizer, safety_checker: bool = True,
+                 memory_budget: str | int | None = None):
         self.model = model
         self.backend = backend
         self.device = device
         self.tokenizer = tokenizer
         # on when the model ships a safety checker, as in diffusers; off by the user's choice only
         self.safety_checker = safety_checker and model.has(SAFETY_CHECKER)
+        self.memory_budget = parse_budget(memory_budget)  # None: the planner's default, capped by free memory
+        self.plan: Plan | None = None  # the last plan made
+        self.moved: dict[str, str] = {}  # component -> backend that took it when ours could not open it
         self._sessions: dict[str, object] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, backend: str = "auto", safety_checker: bool = True) -> "Pipeline":
+    def from_pretrained(cls, path: str | Path, backend: str = "auto", safety_checker: bool = True,
+                        memory_budget: str | int | None = None) -> "Pipeline":
         """Open a model on a backend ("auto" picks the best one available). `path` is an exported folder,
         or any source `edgediff export` takes (`builtin`, a diffusers folder, a .safetensors file, a hub
-        id), exported once into the cache (this needs the export extra)."""
+        id), exported once into the cache (this needs the export extra). `memory_budget` ("4GB") bounds
+        every generation's predicted peak (default 7 GB, never more than the device has free)."""
         from ..backends import select
 
         folder = Path(path)
@@ -77,26 +90,72 @@ class Pipeline:
             path = ensure_exported(path)
         model = read_model_folder(path)
         chosen, device = select(backend)
-        pipe = cls(model, chosen, device, ClipTokenizer.from_folder(model.path / "tokenizer"), safety_checker)
-        for spec in (TEXT_ENCODER, UNET, VAE_DECODER):  # load now, so a broken file fails here, not mid-run
-            pipe._session(spec)
+        pipe = cls(model, chosen, device, ClipTokenizer.from_folder(model.path / "tokenizer"), safety_checker,
+                   memory_budget)
+        # Plan the native size now: a model that cannot fit is refused before anything is loaded, and
+        # the resident components are loaded here, so a broken file fails now, not mid-run.
+        pipe.plan = pipe.make_plan(Request(model.native_size, model.native_size))
+        for spec in (TEXT_ENCODER, UNET, VAE_DECODER):
+            if spec.name in pipe.plan.resident:
+                pipe._session(spec)
         return pipe
+
+    def make_plan(self, request: Request) -> Plan:
+        """The plan a request would follow on this pipeline's device and budget; nothing is loaded."""
+        return make_plan(self.model, request, self.device, self.memory_budget)
 
     def _session(self, spec: ComponentSpec):
         if spec.name not in self._sessions:
             if not self.model.has(spec):
                 raise EdgediffError(f"{self.model.path} has no {spec.onnx_path}, which img2img and inpainting "
                                     "need; export the model again with `edgediff export`")
-            self._sessions[spec.name] = self.backend.open(self.model.component(spec), spec, self.device)
+            from ..backends import open_with_fallback
+
+            limit = self.plan.budget if self.plan else None
+            path = self.model.component(spec)
+            if spec.name == UNET.name and self.plan is not None and self.plan.needs_export:
+                path = self._variant(self.plan.needs_export) / spec.onnx_path
+            session, backend, _ = open_with_fallback(path, spec, self.backend, self.device, limit)
+            if backend is not self.backend:
+                self.moved[spec.name] = backend.name
+            self._sessions[spec.name] = session
         return self._sessions[spec.name]
 
+    def _variant(self, options: dict) -> Path:
+        """The model exported with other options (the lowest plan's sliced attention), made once from
+        the source the manifest names."""
+        source = self.model.export_manifest.get("source", {})
+        ref = source.get("ref") or source.get("path")
+        flags = " ".join(f"--{k} {v}" for k, v in options.items())
+        if not ref:
+            raise EdgediffError(f"this request needs an export with {flags}, and {self.model.path} does not say "
+                                f"what it was exported from; export it with `edgediff export SRC {flags}` "
+                                "or give a larger --budget")
+        try:
+            from ..export.onnx_export import ExportOptions
+            from ..export.sources import ensure_exported
+        except ImportError:
+            raise EdgediffError(f"this request needs an export with {flags}: run `edgediff export {ref} {flags}` "
+                                "where the export extra is installed, or give a larger --budget") from None
+        dtype = self.model.export_manifest.get("dtype", "fp32")
+        return ensure_exported(ref, ExportOptions(dtype=dtype, **options))
+
+    @contextmanager
+    def _using(self, spec: ComponentSpec):
+        """A component's session for one stage; a streamed component is freed when the stage ends."""
+        session = self._session(spec)
+        try:
+            yield session
+        finally:
+            if self.plan is not None and spec.name not in self.plan.resident:
+                self._sessions.pop(spec.name, None)
+                del session
+                gc.collect()
+
     def describe(self) -> str:
-        """One line on how this pipeline runs: what a user (or a bug report) needs to know."""
-        manifest = self.model.export_manifest
-        loaded = ", ".join(f"{name} {session.providers[0]}" for name, session in self._sessions.items())
-        return (f"{manifest.get('dtype', 'fp32')} weights, {manifest.get('attention', 'standard')} attention, "
-                f"classifier-free guidance batched (2 images per UNet call), components resident: {loaded}; "
-                f"VAE decode whole, one image at a time")
+        """How this pipeline runs: what a user (or a bug report) needs to know."""
+        moved = "".join(f"; {name} moved to {b}" for name, b in self.moved.items())
+        return (self.plan.describe() if self.plan else "no plan yet") + moved
 
     def default_scheduler(self) -> str:
         name = DEFAULT_SCHEDULER_FOR_CLASS.get(self.model.scheduler_class, FALLBACK_SCHEDULER)
@@ -160,12 +219,20 @@ class Pipeline:
             raise EdgediffError(str(e)) from None
         cfg = guidance_scale > 1.0  # diffusers: guidance 1 or less means the conditional pass alone
 
-        # 2. Text: tokens -> embeddings, unconditional first as diffusers batches them.
+        # 2. The memory plan for this request, before anything is loaded; a leaner plan than the last
+        # frees what it does not keep first.
+        plan = self.plan = self.make_plan(Request(width, height, batch, cfg, img2img=init_image is not None))
+        for name in [n for n in self._sessions if n not in plan.resident]:
+            del self._sessions[name]
+        gc.collect()
+        _reset_peak_memory()
+
+        # 3. Text: tokens -> embeddings, unconditional first as diffusers batches them.
         with _timed(timings, "text_encoder"):
             context = self._encode_text(prompts, negatives if cfg else None,
                                         num_images_per_prompt)  # (2B or B, 77, D)
 
-        # 3. Initial latents: noise for txt2img; the encoded image noised to the first step otherwise.
+        # 4. Initial latents: noise for txt2img; the encoded image noised to the first step otherwise.
         noise = latents if latents is not None else rnd.batch_noise(seeds, rnd.INITIAL, latent_shape)
         mask_latents = masked_latents = image_latents = None
         if init_image is not None:
@@ -190,64 +257,95 @@ class Pipeline:
             extra = np.concatenate([mask_latents, masked_latents], axis=1)  # (B, 5, h, w)
             extra = np.concatenate([extra, extra]) if cfg else extra
 
-        # 4. Denoise: UNet on (uncond, cond), guidance, scheduler step.
+        # 5. Denoise: UNet on (uncond, cond), guidance, scheduler step.
         state = None
         steps = range(start, len(schedule))
         bar = _progress(len(steps), progress)
-        for n, i in enumerate(steps):
-            model_input = np.concatenate([x, x]) if cfg else x  # (2B, 4, h, w)
-            model_input = sched.scale_model_input(schedule, i, model_input)
-            if extra is not None:
-                model_input = np.concatenate([model_input, extra], axis=1)  # (2B, 9, h, w)
-            t = np.full((model_input.shape[0],), schedule.timesteps[i], dtype=np.float32)
-            with _timed(timings, "unet"):
-                out = self._session(UNET).run(sample=model_input, timestep=t,
-                                              encoder_hidden_states=context)["out_sample"]
-            if cfg:
-                uncond, cond = np.split(out, 2)
-                out = uncond + np.float32(guidance_scale) * (cond - uncond)
-            step_noise = rnd.batch_noise(seeds, rnd.STEP, latent_shape, step=i) if sched.stochastic else None
-            x, state = sched.step(schedule, i, x, out, state, step_noise)
-            x = x.astype(np.float32, copy=False)
-            if mask is not None and not model.is_inpainting:
-                # A plain model inpaints by pasting the original, noised to the next level, outside the mask.
-                known = image_latents
-                if i + 1 < len(schedule):
-                    known = sched.add_noise(schedule, i + 1, image_latents, noise)
-                x = (1 - mask_latents) * known + mask_latents * x
-            bar.update(1)
-            if callback is not None and callback(n, len(steps), x) is False:
-                bar.close()
-                log.info("generation cancelled by the callback after step %d of %d", n + 1, len(steps))
-                return GenerationResult([], seeds, [], timings, cancelled=True)
+        with self._using(UNET) as unet:
+            for n, i in enumerate(steps):
+                model_input = np.concatenate([x, x]) if cfg else x  # (2B, 4, h, w)
+                model_input = sched.scale_model_input(schedule, i, model_input)
+                if extra is not None:
+                    model_input = np.concatenate([model_input, extra], axis=1)  # (2B, 9, h, w)
+                t = np.full((model_input.shape[0],), schedule.timesteps[i], dtype=np.float32)
+                with _timed(timings, "unet"):
+                    if plan.cfg_batched:
+                        out = unet.run(sample=model_input, timestep=t, encoder_hidden_states=context)["out_sample"]
+                    else:  # the plan halves the UNet's activations: uncond, then cond
+                        out = np.concatenate([unet.run(sample=half, timestep=t[:batch], encoder_hidden_states=c)["out_sample"]
+                                              for half, c in zip(np.split(model_input, 2), np.split(context, 2))])
+                if cfg:
+                    uncond, cond = np.split(out, 2)
+                    out = uncond + np.float32(guidance_scale) * (cond - uncond)
+                step_noise = rnd.batch_noise(seeds, rnd.STEP, latent_shape, step=i) if sched.stochastic else None
+                x, state = sched.step(schedule, i, x, out, state, step_noise)
+                x = x.astype(np.float32, copy=False)
+                if mask is not None and not model.is_inpainting:
+                    # A plain model inpaints by pasting the original, noised to the next level, outside the mask.
+                    known = image_latents
+                    if i + 1 < len(schedule):
+                        known = sched.add_noise(schedule, i + 1, image_latents, noise)
+                    x = (1 - mask_latents) * known + mask_latents * x
+                bar.update(1)
+                if callback is not None and callback(n, len(steps), x) is False:
+                    bar.close()
+                    log.info("generation cancelled by the callback after step %d of %d", n + 1, len(steps))
+                    return GenerationResult([], seeds, [], timings, cancelled=True)
         bar.close()
 
-        # 5. Decode, one image at a time: the VAE decoder's activations are the largest of the run.
-        with _timed(timings, "vae_decoder"):
-            decoded = [self._session(VAE_DECODER).run(latent_sample=x[k:k + 1] / np.float32(model.scaling_factor))
-                       ["sample"] for k in range(batch)]
+        # 6. Decode, one image at a time (the VAE decoder's activations are the largest of the run),
+        # whole or in the plan's tiles; an fp16 decoder that overflows is re-run from its fp32 artifact.
+        reruns: list[str] = []
+        with _timed(timings, "vae_decoder"), self._using(VAE_DECODER) as vae:
+            decoded = [self._decode(vae, x[k:k + 1] / np.float32(model.scaling_factor), plan, reruns)
+                       for k in range(batch)]  # each (1, 3, H, W)
         images = to_pil(np.concatenate(decoded))
 
-        # 6. The safety checker, when the model has one and it is on: flagged images become black.
+        # 7. The safety checker, when the model has one and it is on: flagged images become black.
         flagged = [False] * batch
         if self.safety_checker:
             with _timed(timings, "safety_checker"):
                 images, flagged = self._check_safety(images)
 
-        # 7. What made each image, for the PNG metadata.
+        # 8. What made each image, for the PNG metadata.
         sampler = sched.a1111_name
         strength_note = strength if init_image is not None else None
         params = [Parameters(prompts[k // num_images_per_prompt], negatives[k // num_images_per_prompt],
                              num_inference_steps, sampler, guidance_scale, seeds[k], width, height, model.name,
                              strength_note) for k in range(batch)]
-        return GenerationResult(images, seeds, params, timings, nsfw_content_detected=flagged)
+        return GenerationResult(images, seeds, params, timings, nsfw_content_detected=flagged, plan=plan,
+                                peak_memory=_peak_memory(), fp32_reruns=reruns)
+
+    def _decode(self, vae, z: np.ndarray, plan: Plan, reruns: list[str]) -> np.ndarray:
+        def run(session, latents):
+            if not plan.vae_tile:
+                return session.run(latent_sample=latents)["sample"]
+            f = self.model.vae_scale_factor
+            return tiled(lambda t: session.run(latent_sample=t)["sample"], latents, plan.vae_tile // f,
+                         plan.vae_overlap // f, f)
+
+        image = run(vae, z)
+        if np.isfinite(image).all():
+            return image
+        # The black-image bug: fp16 overflow. An fp16 export keeps its decoder's fp32 graph beside it.
+        fp32 = self.model.path / VAE_DECODER.name / FP32_FALLBACK
+        if not fp32.is_file():
+            raise EdgediffError(f"the VAE decoder returned inf/NaN (an fp16 overflow: the picture would be "
+                                f"black) and {self.model.path} has no fp32 decoder to re-run it with; "
+                                "export the model again (fp16 exports now keep one) or with --dtype fp32")
+        log.warning("the fp16 VAE decoder overflowed (inf/NaN); decoding again with its fp32 graph")
+        if "vae_decoder" not in reruns:
+            reruns.append("vae_decoder")
+        session = self.backend.open(fp32, VAE_DECODER, self.device)
+        return run(session, z)
 
     def _check_safety(self, images: list[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
         from .safety import ClipPreprocess
 
         clip = ClipPreprocess.from_folder(self.model.path / "feature_extractor")(images)  # (B, 3, 224, 224)
         pixels = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])  # (B, H, W, 3)
-        out = self._session(SAFETY_CHECKER).run(clip_input=clip, images=pixels)
+        with self._using(SAFETY_CHECKER) as checker:
+            out = checker.run(clip_input=clip, images=pixels)
         flagged = [bool(f) for f in np.asarray(out["has_nsfw_concepts"]).reshape(-1)]
         for k, f in enumerate(flagged):
             if f:
@@ -262,13 +360,22 @@ class Pipeline:
             if dropped:
                 log.warning("prompt truncated: CLIP reads %d tokens, the last %d of %r were dropped",
                             self.tokenizer.max_length - 2, dropped, text[:60])
-        hidden = self._session(TEXT_ENCODER).run(input_ids=encoded.ids)["last_hidden_state"]
+        with self._using(TEXT_ENCODER) as text_encoder:
+            hidden = text_encoder.run(input_ids=encoded.ids)["last_hidden_state"]
         # Each prompt's embedding repeated for its images, consecutively (diffusers' order).
         return np.repeat(hidden.astype(np.float32, copy=False), per_prompt, axis=0)
 
     def _encode_image(self, pixels: np.ndarray, seeds: list[int], purpose: int) -> np.ndarray:
         """Posterior sample of the VAE encoder, scaled, one per image: mean + std * noise(seed)."""
-        outputs = self._session(VAE_ENCODER).run(sample=pixels)
+        plan = self.plan
+        with self._using(VAE_ENCODER) as encoder:
+            if plan is not None and plan.vae_tile:
+                f = self.model.vae_scale_factor
+                name = encoder.output_names[0] if hasattr(encoder, "output_names") else "latent_parameters"
+                outputs = {name: tiled(lambda t: next(iter(encoder.run(sample=t).values())), pixels,
+                                       plan.vae_tile, plan.vae_overlap, 1 / f)}
+            else:
+                outputs = encoder.run(sample=pixels)
         if "latent_parameters" in outputs:
             mean, logvar = np.split(outputs["latent_parameters"], 2, axis=1)
             std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
@@ -347,3 +454,23 @@ def _progress(total: int, show: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="denoising", unit="step", leave=False)
+
+
+def _reset_peak_memory() -> None:
+    """Start the process's peak-RSS counter afresh (Linux: writing 5 to clear_refs resets VmHWM), so a
+    generation reports its own peak, not the process's lifetime one."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory() -> int | None:
+    """The process's peak resident memory since the last reset, in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.clip_vocab import add_vocab_files
-from ..engine.components import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
+from ..engine.components import (FP32_FALLBACK, FP32_FALLBACK_COMPONENTS, SAFETY_CHECKER, TEXT_ENCODER, UNET,
+                                 VAE_DECODER, VAE_ENCODER, ComponentSpec)
 from ..engine.errors import EdgediffError
 from . import memory_profile
 from .attention import DEFAULT_SLICES, VARIANTS
@@ -364,6 +365,8 @@ def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, opti
     inputs = {t.name: a.numpy() for t, a in zip(spec.inputs, args)}
     kept = nodes = 0
     if options.dtype == "fp16":
+        if spec.name in FP32_FALLBACK_COMPONENTS:  # small, and what the runtime re-runs on overflow
+            shutil.copy2(path, path.with_name(FP32_FALLBACK))
         kept, nodes = _to_fp16(path, spec, inputs)
     _consolidate(path)
     seconds = time.perf_counter() - start
@@ -482,11 +485,13 @@ def _consolidate(path: Path) -> None:
     model.onnx_data beside the graph, the layout optimum and ONNX Runtime's tools expect."""
     import onnx
 
-    extra = [f for f in path.parent.iterdir() if f.name not in ("model.onnx", "config.json")]
+    extra = [f for f in path.parent.iterdir() if f.name not in ("model.onnx", "config.json", FP32_FALLBACK)]
     if not extra:
         return
     model = onnx.load(str(path))  # loads the external tensors too
     for f in extra:
         f.unlink()
+    # Weight matrices go to the data file; tensors under 1 MB (norms, biases, shape constants) stay in
+    # the graph, where tools that read values to infer shapes find them without the weights.
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="model.onnx_data", size_threshold=1024)
+              location="model.onnx_data", size_threshold=1 << 20)

@@ -15,7 +15,7 @@ def test_demo_exports_once_generates_and_reports(tmp_path, monkeypatch, capsys, 
         assert main(["demo", "--out", str(tmp_path / "pics")]) == 0
     out = capsys.readouterr().out
     assert "model: built-in" in out
-    assert "backend: cpu" in out and "plan: fp32 weights" in out
+    assert "backend: cpu" in out and "plan: resident plan on cpu" in out
     assert "ms per image on average" in out
     sheet = tmp_path / "pics" / "contact-sheet.png"
     assert f"wrote {len(DEMO_CAPTIONS)} PNGs and {sheet.resolve()}" in out

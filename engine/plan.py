@@ -1,0 +1,271 @@
+"""The memory plan: made once, before anything is loaded, from measured facts, and then followed.
+
+    plan = make_plan(model, Request(512, 512), device, budget=parse_budget("4GB"))
+    print(plan.describe())
+
+The planner walks a ladder of plans from fastest to leanest and takes the first whose predicted peak
+fits the budget; when none fits it refuses before loading anything, saying what would fit. Each rung
+trades speed for memory in the way users of AUTOMATIC1111 pick by hand (--medvram, --lowvram,
+"tiled VAE"), but chosen here from numbers:
+
+    resident          every component loaded for the whole run, cond and uncond in one UNet call
+    sequential-cfg    as resident, the UNet called twice per step with half the batch
+    streamed          each component loaded, run and freed in turn (text -> UNet -> VAE)
+    streamed-tiled    streamed, and the VAE decodes in overlapping tiles
+    streamed-lean     streamed, sequential cfg, tiled VAE
+    lowest            streamed-lean with the UNet's attention computed in slices of the queries (an
+                      export with --attention sliced, made from the model's source when it is not one)
+
+Predictions, per stage: the weights that are in memory during it + the activations of the component
+running (from the export's graph profile, export/memory_profile.py) + the backend's fixed overhead.
+Every constant that turns graph facts into bytes is in BACKEND_COSTS below, with where it was measured.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from .errors import EdgediffError
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+DEFAULT_BUDGET = 7 * GiB  # fits an 8 GB card or Mac with room for the desktop
+
+
+@dataclass(frozen=True)
+class BackendCost:
+    """How one backend turns graph facts into resident bytes."""
+    fixed: int  # process or context overhead before any model: runtime libraries, CUDA context, arenas
+    weights: float  # resident bytes per byte of weights on disk
+    activations: float  # peak bytes per byte of the graph's live-tensor peak (export/memory_profile.py)
+    session: int  # per open session: kernels' workspaces, the allocator's slack
+
+
+# Measured on the 2-core CI machine with the full-size SD 1.5 architecture (bench/plan_memory.py);
+# the GPU rows are the providers' documented overheads, to be measured where the hardware is.
+BACKEND_COSTS = {
+    "cpu": BackendCost(fixed=350 * MiB, weights=1.0, activations=1.0, session=32 * MiB),
+    "cuda": BackendCost(fixed=600 * MiB, weights=1.0, activations=1.0, session=64 * MiB),  # context + cuDNN
+    "rocm": BackendCost(fixed=600 * MiB, weights=1.0, activations=1.0, session=64 * MiB),
+    "coreml": BackendCost(fixed=400 * MiB, weights=1.0, activations=1.0, session=32 * MiB),
+}
+TILE = 256  # pixels: the VAE tile of the tiled rungs (32 latents); a decode's peak scales with its area
+TILE_OVERLAP = 64  # pixels blended between neighbouring tiles
+
+
+def parse_budget(text: str | int | float | None) -> int | None:
+    """'7GB', '4.5 GiB', '512MB', 7e9 -> bytes. GB and GiB are both read as 2^30: users write GB and
+    mean what their task manager shows."""
+    if text is None or isinstance(text, (int, float)):
+        return int(text) if text is not None else None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise EdgediffError(f"budget {text!r} is not a size; write it like 7GB, 4.5GB or 512MB")
+    unit = (m.group(2) or "b").lower()[0]
+    return int(float(m.group(1)) * {"b": 1, "k": 2 ** 10, "m": MiB, "g": GiB, "t": 2 ** 40}[unit])
+
+
+@dataclass(frozen=True)
+class Request:
+    width: int
+    height: int
+    batch: int = 1  # images per call
+    cfg: bool = True  # classifier-free guidance: the UNet sees 2 x batch
+    img2img: bool = False  # the VAE encoder runs too
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # text_encoder, unet, vae_encoder, vae_decoder, safety_checker
+    peak: int  # predicted bytes during this stage
+    detail: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    backend: str
+    device: str
+    budget: int
+    request: Request
+    rung: str
+    cfg_batched: bool  # cond and uncond in one UNet call (2B) or one after the other (B, twice)
+    vae_tile: int | None  # pixels; None: whole
+    vae_overlap: int
+    resident: tuple[str, ...]  # loaded once, kept for the run
+    streamed: tuple[str, ...]  # loaded, run and freed in turn
+    dtype: str
+    attention: str
+    slices: int | None
+    stages: tuple[Stage, ...] = field(default_factory=tuple)
+    # export options the plan needs that the model folder was not exported with ({"attention": "sliced",
+    # "slices": 16}); the pipeline makes that export from the model's source, once, into the cache
+    needs_export: dict | None = None
+
+    @property
+    def predicted_peak(self) -> int:
+        return max(s.peak for s in self.stages)
+
+    def summary(self) -> str:
+        r = self.request
+        vae = f"VAE in {self.vae_tile}px tiles" if self.vae_tile else "VAE whole"
+        attention = f"sliced attention ({self.slices} slices)" if self.attention == "sliced" else \
+            f"{self.attention} attention"
+        cfg = "cfg batched" if self.cfg_batched else "cfg one after the other"
+        return (f"{self.rung} plan on {self.backend}: {r.width}x{r.height} x{r.batch}, {self.dtype}, "
+                f"{attention}, {cfg}, {vae}; predicted peak {_gb(self.predicted_peak)} "
+                f"of a {_gb(self.budget)} budget")
+
+    def describe(self) -> str:
+        lines = [self.summary(), f"  device: {self.device}",
+                 f"  resident: {', '.join(self.resident) or 'nothing'}; "
+                 f"loaded in turn: {', '.join(self.streamed) or 'nothing'}"]
+        lines += [f"  {s.name:15s} {_gb(s.peak):>9s}  {s.detail}" for s in self.stages]
+        if self.needs_export:
+            lines.append("  needs an export with " + ", ".join(f"--{k} {v}" for k, v in self.needs_export.items())
+                         + " (made from the model's source once, into the cache)")
+        return "\n".join(lines)
+
+
+def _gb(n: int) -> str:
+    return f"{n / GiB:.2f} GB"
+
+
+RUNGS = (  # name, cfg batched, streamed, tiled VAE, sliced attention
+    ("resident", True, False, False, False),
+    ("sequential-cfg", False, False, False, False),
+    ("streamed", True, True, False, False),
+    ("streamed-tiled", True, True, True, False),
+    ("streamed-lean", False, True, True, False),
+    ("lowest", False, True, True, True),
+)
+SLICES = 16  # the lowest rung's query slices at the UNet's top level (export/attention.py)
+
+
+def make_plan(model, request: Request, device, budget: int | None = None, facts: dict | None = None) -> Plan:
+    """The fastest plan whose predicted peak fits min(budget, what the device has free). `facts`
+    (component -> ComponentFacts) defaults to what the model folder's files and manifest say."""
+    facts = facts or component_facts(model)
+    limit, why = _limit(device, budget)
+    plans = [_plan(model, facts, request, device, limit, *rung) for rung in RUNGS]
+    for plan in plans:
+        if plan.predicted_peak <= limit:
+            return plan
+    raise EdgediffError(_nothing_fits(model, facts, request, device, limit, why, plans[-1]))
+
+
+def _limit(device, budget: int | None) -> tuple[int, str]:
+    budget = DEFAULT_BUDGET if budget is None else budget
+    if budget <= 0:
+        raise EdgediffError("the memory budget must be more than 0")
+    free = getattr(device, "free_memory", None)
+    if free is not None and free < budget:
+        return free, f"the {_gb(budget)} budget is capped at the {_gb(free)} {device.backend} has free"
+    return budget, f"the budget is {_gb(budget)}"
+
+
+def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, cfg_batched: bool,
+          streamed: bool, tiled: bool, sliced: bool) -> Plan:
+    cost = BACKEND_COSTS.get(device.backend, BACKEND_COSTS["cpu"])
+    manifest = model.export_manifest
+    attention, slices, needs = manifest.get("attention", "standard"), manifest.get("slices"), None
+    if sliced and attention != "sliced":
+        # Slicing the queries in k parts divides the score matrices, the quadratic term, by k at the top
+        # level (deeper levels have 4x fewer queries per level and fewer slices: export/attention.py).
+        unet = parts["unet"]
+        parts = {**parts, "unet": ComponentFacts(unet.weights, (unet.fit[0], unet.fit[1], unet.fit[2] / SLICES))}
+        attention, slices, needs = "sliced", SLICES, {"attention": "sliced", "slices": SLICES}
+    f = model.vae_scale_factor
+    h, w = request.height // f, request.width // f
+    rows = request.batch * (2 if request.cfg else 1)
+    unet_batch = rows if cfg_batched or not request.cfg else request.batch
+    tile = TILE if tiled and max(request.width, request.height) > TILE else None
+    th, tw = (min(h, tile // f), min(w, tile // f)) if tile else (h, w)
+
+    order = ["text_encoder"] + (["vae_encoder"] if request.img2img else []) + ["unet", "vae_decoder"] \
+        + (["safety_checker"] if "safety_checker" in parts else [])
+    runs = {  # stage -> (activation bytes, detail)
+        "text_encoder": (parts["text_encoder"].activations(rows, 1, 1), f"{rows} prompts"),
+        "vae_encoder": (parts.get("vae_encoder", _NONE).activations(1, h, w), f"1 image {request.width}x{request.height}"),
+        "unet": (parts["unet"].activations(unet_batch, h, w), f"batch {unet_batch} at {h}x{w} latents"),
+        "vae_decoder": (parts["vae_decoder"].activations(1, th, tw),
+                        f"{tile}px tiles, {TILE_OVERLAP}px overlap" if tile else f"1 image {request.width}x{request.height}"),
+        "safety_checker": (parts.get("safety_checker", _NONE).activations(1, 1, 1), "224px CLIP input"),
+    }
+    resident = () if streamed else tuple(order)
+    stages = []
+    for name in order:
+        held = [n for n in resident if n != name] + [name]
+        weights = sum(parts[n].weights for n in held if n in parts)
+        act, detail = runs[name]
+        peak = cost.fixed + int(cost.weights * weights) + int(cost.activations * act) + cost.session * len(held)
+        stages.append(Stage(name, peak, f"{detail}; weights {_gb(weights)} held"))
+    return Plan(
+        backend=device.backend, device=device.name, budget=limit, request=request, rung=rung,
+        cfg_batched=cfg_batched or not request.cfg, vae_tile=tile, vae_overlap=TILE_OVERLAP if tile else 0,
+        resident=resident, streamed=tuple(order) if streamed else (),
+        dtype=manifest.get("dtype", "fp32"), attention=attention, slices=slices, stages=tuple(stages),
+        needs_export=needs)
+
+
+def _nothing_fits(model, facts: dict, request: Request, device, limit: int, why: str, lowest: Plan) -> str:
+    """What would fit: a smaller size at the lowest rung, the budget the request needs, other exports."""
+    need = lowest.predicted_peak
+    smaller = None
+    side = min(request.width, request.height)
+    while side > 256:
+        side -= 64
+        scale = side / min(request.width, request.height)
+        candidate = replace(request, width=int(request.width * scale) // 64 * 64,
+                            height=int(request.height * scale) // 64 * 64)
+        if _plan(model, facts, candidate, device, limit, *RUNGS[-1]).predicted_peak <= limit:
+            smaller = candidate
+            break
+    hints = [f"a budget of {_gb(need)}"]
+    if smaller:
+        hints.insert(0, f"{smaller.width}x{smaller.height}")
+    if model.export_manifest.get("dtype") != "fp16" and device.backend != "cpu":
+        hints.append("an fp16 export")
+    return (f"{request.width}x{request.height} needs at least {_gb(need)} on {device.backend} "
+            f"({device.name}) even with the lowest-memory plan, and {why}; what would fit: "
+            + ", or ".join(hints))
+
+
+@dataclass(frozen=True)
+class ComponentFacts:
+    weights: int  # bytes on disk (graph + external data)
+    fit: tuple[float, float, float]  # export/memory_profile.py's activation polynomial
+
+    def activations(self, batch: int, h: int, w: int) -> int:
+        c0, c1, c2 = self.fit
+        area = h * w
+        return int(max(0.0, c0 + batch * (c1 * area + c2 * area * area)))
+
+
+_NONE = ComponentFacts(0, (0.0, 0.0, 0.0))
+
+# Activation profiles of SD 1.5's components at fp32 (export/memory_profile.py on bench/sd15.py's
+# export), for folders that carry no profile of their own (optimum's): scaled by the weights' size.
+FALLBACK_FITS = {
+    "text_encoder": (0.0, 3.0e6, 0.0),
+    "unet": (0.0, 2.0e5, 110.0),
+    "vae_encoder": (0.0, 1.6e6, 2.0),
+    "vae_decoder": (0.0, 1.6e6, 2.0),
+    "safety_checker": (0.0, 5.0e7, 0.0),
+}
+
+
+def component_facts(model) -> dict[str, ComponentFacts]:
+    """Weights and activation profile of each exported component, from the manifest and the files."""
+    manifest = model.export_manifest.get("components", {})
+    if isinstance(manifest, list):  # version 1 manifests listed components
+        manifest = {c["name"]: c for c in manifest}
+    facts = {}
+    for folder in sorted(p for p in model.path.iterdir() if p.is_dir()):
+        files = list(folder.glob("model.onnx*"))
+        if not files:
+            continue
+        weights = sum(p.stat().st_size for p in files)
+        fit = manifest.get(folder.name, {}).get("activations", {}).get("fit")
+        facts[folder.name] = ComponentFacts(weights, tuple(fit) if fit else FALLBACK_FITS.get(folder.name, (0, 0, 0)))
+    return facts

@@ -1,0 +1,232 @@
+"""The memory planner: choices on simulated machines, refusals that say what would fit, the real CPU
+path under a budget, the tiling it relies on, and the fp16 guard."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edgediff import Pipeline
+from edgediff.backends.base import Device
+from edgediff.engine.errors import EdgediffError
+from edgediff.engine.plan import GiB, RUNGS, ComponentFacts, Request, make_plan, parse_budget
+from edgediff.engine.tiling import starts, tiled
+
+# SD 1.5's components as edgediff exports them (bench/sd15.py, `python -m edgediff.bench.export_memory`):
+# bytes on disk and the activation profile of each graph (export/memory_profile.py), fp32. fp16 halves both.
+SD15_FP32 = {
+    "text_encoder": ComponentFacts(int(0.46 * GiB), (0.0, 3.4e5, 0.0)),
+    "unet": ComponentFacts(int(3.20 * GiB), (0.0, 2.3e5, 96.0)),
+    "vae_encoder": ComponentFacts(int(0.13 * GiB), (0.0, 1.6e6, 4.0)),
+    "vae_decoder": ComponentFacts(int(0.18 * GiB), (0.0, 1.6e6, 4.0)),
+}
+SD15_FP16 = {k: ComponentFacts(v.weights // 2, tuple(c / 2 for c in v.fit)) for k, v in SD15_FP32.items()}
+
+
+def sd15(dtype="fp32"):
+    return SimpleNamespace(vae_scale_factor=8, export_manifest={"dtype": dtype, "attention": "standard"},
+                           path=None), (SD15_FP16 if dtype == "fp16" else SD15_FP32)
+
+
+MACHINES = {  # name -> (device, export dtype that suits it)
+    "nvidia-12gb": (Device("cuda", "NVIDIA GeForce RTX 3060", ("CUDAExecutionProvider",), 12 * GiB, 11 * GiB,
+                           fp16=True), "fp16"),
+    "nvidia-4gb": (Device("cuda", "NVIDIA GeForce GTX 1050 Ti", ("CUDAExecutionProvider",), 4 * GiB,
+                          int(3.6 * GiB)), "fp16"),
+    "amd-8gb": (Device("rocm", "AMD Radeon RX 6600", ("MIGraphXExecutionProvider",), 8 * GiB, int(7.5 * GiB),
+                       fp16=True), "fp16"),
+    "m1-8gb": (Device("coreml", "Apple M1", ("CoreMLExecutionProvider",), 8 * GiB, int(4.5 * GiB),
+                      unified_memory=True, fp16=True), "fp16"),
+    "cpu-8gb": (Device("cpu", "Intel Core i5 (4 cores)", ("CPUExecutionProvider",), 8 * GiB, int(5.5 * GiB),
+                       unified_memory=True), "fp32"),
+}
+RUNG_ORDER = [r[0] for r in RUNGS]
+
+
+@pytest.mark.parametrize("machine", sorted(MACHINES))
+def test_sd15_512_plans_fit_every_machine(machine):
+    device, dtype = MACHINES[machine]
+    model, facts = sd15(dtype)
+    plan = make_plan(model, Request(512, 512), device, facts=facts)
+    limit = min(7 * GiB, device.free_memory)
+    assert plan.predicted_peak <= plan.budget == limit
+    assert plan.backend == device.backend and plan.dtype == dtype
+    assert "predicted peak" in plan.describe() and device.name in plan.describe()
+    # sensible: nothing leaner than needed; the next faster rung would not have fitted
+    k = RUNG_ORDER.index(plan.rung)
+    if k:
+        faster = make_plan(model, Request(512, 512), device, budget=10 ** 12, facts=facts)
+        assert faster.rung == "resident"
+
+
+def test_more_memory_never_gives_a_slower_plan():
+    model, facts = sd15("fp16")
+    rungs = []
+    for free in (2, 3, 4, 6, 8, 12):
+        device = Device("cuda", "card", ("CUDAExecutionProvider",), free * GiB, free * GiB, fp16=True)
+        try:
+            rungs.append(RUNG_ORDER.index(make_plan(model, Request(512, 512), device, facts=facts).rung))
+        except EdgediffError:
+            rungs.append(len(RUNG_ORDER))
+    assert rungs == sorted(rungs, reverse=True) and rungs[-1] == 0 and rungs[0] > 0
+
+
+def test_big_card_keeps_everything_resident_small_card_streams():
+    model, facts = sd15("fp16")
+    big = make_plan(model, Request(512, 512), MACHINES["nvidia-12gb"][0], facts=facts)
+    small = make_plan(model, Request(512, 512), MACHINES["nvidia-4gb"][0], budget=2 * GiB, facts=facts)
+    assert big.rung == "resident" and big.streamed == ()
+    assert small.rung != "resident" and small.predicted_peak < big.predicted_peak
+
+
+def test_2048_on_a_2gb_card_is_refused_with_what_would_fit():
+    model, facts = sd15("fp16")
+    card = Device("cuda", "NVIDIA GeForce GT 1030", ("CUDAExecutionProvider",), 2 * GiB, int(1.8 * GiB))
+    with pytest.raises(EdgediffError) as e:
+        make_plan(model, Request(2048, 2048), card, facts=facts)
+    message = str(e.value)
+    assert "2048x2048 needs at least" in message and "what would fit" in message
+    assert re.search(r"\d+x\d+", message.split("what would fit")[1])  # a smaller size that fits
+    assert "budget of" in message
+
+
+def test_budget_is_capped_by_free_memory():
+    model, facts = sd15()
+    device = Device("cpu", "cpu", ("CPUExecutionProvider",), 8 * GiB, 3 * GiB, unified_memory=True)
+    plan = make_plan(model, Request(512, 512), device, budget=7 * GiB, facts=facts)
+    assert plan.budget == 3 * GiB
+
+
+@pytest.mark.parametrize("text,expected", [("7GB", 7 * GiB), ("4.5 GiB", int(4.5 * GiB)), ("512MB", 512 * 2**20),
+                                           ("2g", 2 * GiB), ("1000", 1000)])
+def test_budgets_parse(text, expected):
+    assert parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("text", ["7 gigs", "lots", "-1GB", ""])
+def test_bad_budgets_are_refused(text):
+    with pytest.raises(EdgediffError, match="not a size"):
+        parse_budget(text)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "edgediff.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_plan_and_devices_on_this_machine(tiny):
+    devices = cli("devices")
+    assert devices.returncode == 0
+    for name in ("cuda", "rocm", "coreml"):
+        line = next(l for l in devices.stdout.splitlines() if l.startswith(name))
+        assert "unavailable:" in line and len(line.split("unavailable:")[1].strip()) > 10
+    plan = cli("plan", "--model", str(tiny("sd1")[1]), "--width", "128", "--height", "128", "--budget", "3GB")
+    assert plan.returncode == 0, plan.stderr
+    assert "plan on cpu: 128x128" in plan.stdout and "predicted peak" in plan.stdout and "unet" in plan.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--budget", "7 gigs"], ["budget '7 gigs' is not a size"]),
+    (["--backend", "quantum"], ["unknown backend 'quantum'"]),
+    (["--backend", "cuda"], ["backend 'cuda' is not available here"]),
+])
+def test_plan_bad_input_is_one_line(tiny, args, words):
+    run = cli("plan", "--model", str(tiny("sd1")[1]), *args)
+    errors = [l for l in run.stderr.splitlines() if l.startswith("edgediff: error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    for w in words:
+        assert w in errors[0]
+
+
+def test_cpu_generates_under_a_budget_that_forces_the_lowest_plan(tmp_path_factory):
+    """The real CPU backend, the built-in model at 512x512 (attention over 4096 latents makes it big):
+    a budget just above the lowest rung's prediction; the measured peak must stay under it."""
+    from edgediff.builtin import MODEL_DIR
+    from edgediff.engine.model_folder import read_model_folder
+    from edgediff.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("builtin-plan") / "onnx"
+    export_onnx(MODEL_DIR, out, name="builtin")
+    from edgediff.engine.plan import _plan, component_facts
+
+    pipe = Pipeline.from_pretrained(out, backend="cpu")
+    request = Request(512, 512)
+    model = read_model_folder(out)
+    facts = component_facts(model)
+    ladder = {r[0]: _plan(model, facts, request, pipe.device, 10 ** 12, *r).predicted_peak for r in RUNGS}
+    assert ladder["lowest"] < min(v for k, v in ladder.items() if k != "lowest")
+    budget = (ladder["lowest"] + min(v for k, v in ladder.items() if k != "lowest")) // 2
+    run = cli("generate", "a red circle", "--model", str(out), "--width", "512", "--height", "512", "--steps", "1",
+              "--seed", "1", "--backend", "cpu", "--budget", str(budget), "--out", str(out.parent / "p.png"))
+    assert run.returncode == 0, run.stderr
+    assert "lowest plan on cpu" in run.stdout
+    measured = float(re.search(r"measured ([\d.]+) GB", run.stdout).group(1)) * GiB
+    assert measured < budget, run.stdout
+
+
+# -- tiles and the fp16 guard ---------------------------------------------------------------------
+
+def test_tile_origins_cover_and_overlap():
+    assert starts(64, 64, 8) == [0] and starts(40, 64, 8) == [0]
+    for length, tile, overlap in [(64, 32, 8), (100, 32, 8), (96, 32, 0)]:
+        s = starts(length, tile, overlap)
+        assert s[0] == 0 and s[-1] + tile == length
+        assert all(b - a <= tile - overlap or overlap == 0 and b - a == tile for a, b in zip(s, s[1:]))
+
+
+def test_tiled_blending_is_exact_for_a_pointwise_decoder():
+    """What tiling itself adds must be nothing: with a decoder that only upsamples, tiled == whole."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((1, 4, 40, 56)).astype(np.float32)
+    up = lambda t: np.repeat(np.repeat(t[:, :3] * 2 + 1, 8, axis=2), 8, axis=3)  # noqa: E731
+    whole = up(z)
+    for tile, overlap in [(16, 4), (32, 8), (24, 0)]:
+        np.testing.assert_allclose(tiled(up, z, tile, overlap, 8), whole, rtol=1e-6, atol=1e-6)
+    down = lambda t: t[:, :, ::8, ::8] * 0.5  # noqa: E731  an "encoder"
+    x = rng.standard_normal((1, 3, 320, 448)).astype(np.float32)
+    np.testing.assert_allclose(tiled(down, x, 128, 64, 1 / 8), down(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fp16_decoder_overflow_is_rerun_in_fp32(tiny, tmp_path):
+    """An fp16 decoder that overflows (built by ONNX Runtime's plain conversion of a VAE whose residual
+    stream exceeds 65504) is re-run from the fp32 graph the export keeps, and the result says so."""
+    import onnx
+    import torch
+    from diffusers import AutoencoderKL
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from edgediff.engine.components import FP32_FALLBACK
+    from edgediff.export.onnx_export import ExportOptions, export_onnx
+
+    src = shutil.copytree(tiny("sd1")[0], tmp_path / "hot")
+    vae = AutoencoderKL.from_pretrained(src / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(8e4)
+        vae.decoder.conv_in.bias.mul_(8e4)
+    vae.save_pretrained(src / "vae")
+    out = tmp_path / "fp16"
+    export_onnx(src, out, ExportOptions(dtype="fp16"), profile_memory=False)
+    assert (out / "vae_decoder" / FP32_FALLBACK).is_file()
+    good = Pipeline.from_pretrained(out, backend="cpu")("a cat", num_inference_steps=2, seed=4)
+    assert good.fp32_reruns == []  # the export's own fp16 decoder keeps the hot parts fp32
+
+    naive = OnnxModel(onnx.load(str(out / "vae_decoder" / FP32_FALLBACK)))
+    naive.convert_float_to_float16(keep_io_types=True)
+    onnx.save(naive.model, str(out / "vae_decoder" / "model.onnx"))  # the black-image decoder
+    rerun = Pipeline.from_pretrained(out, backend="cpu")("a cat", num_inference_steps=2, seed=4)
+    assert rerun.fp32_reruns == ["vae_decoder"]
+    assert np.asarray(rerun.images[0]).std() > 1
+    assert np.abs(np.asarray(rerun.images[0], float) - np.asarray(good.images[0], float)).mean() < 3
+
+    (out / "vae_decoder" / FP32_FALLBACK).unlink()
+    with pytest.raises(EdgediffError, match="inf/NaN.*no fp32 decoder"):
+        Pipeline.from_pretrained(out, backend="cpu")("a cat", num_inference_steps=2, seed=4)
