@@ -224,6 +224,9 @@ def _nothing_fits(model, facts: dict, request: Request, device, limit: int, why:
     hints = [f"a budget of {_gb(need)}"]
     if smaller:
         hints.insert(0, f"{smaller.width}x{smaller.height}")
+    elif side <= 256:
+        floor = _plan(model, facts, replace(request, width=256, height=256), device, limit, *RUNGS[-1])
+        hints.append(f"no smaller size: even 256x256 needs {_gb(floor.predicted_peak)}")
     if model.export_manifest.get("dtype") != "fp16" and device.backend != "cpu":
         hints.append("an fp16 export")
     return (f"{request.width}x{request.height} needs at least {_gb(need)} on {device.backend} "
