@@ -115,8 +115,13 @@ class Pipeline:
             path = self.model.component(spec)
             if spec.name == UNET.name and self.plan is not None and self.plan.needs_export:
                 path = self._variant(self.plan.needs_export) / spec.onnx_path
-            session, backend, _ = open_with_fallback(path, spec, self.backend, self.device, limit)
-            if backend is not self.backend:
+            backend, device = self.backend, self.device
+            if self.plan is not None and spec.name in self.plan.on_host:
+                from ..backends import select
+
+                backend, device = select("cpu")
+            session, backend, _ = open_with_fallback(path, spec, backend, device, limit)
+            if backend is not self.backend and not (self.plan and spec.name in self.plan.on_host):
                 self.moved[spec.name] = backend.name
             self._sessions[spec.name] = session
         return self._sessions[spec.name]

@@ -101,6 +101,7 @@ class Plan:
     # export options the plan needs that the model folder was not exported with ({"attention": "sliced",
     # "slices": 16}); the pipeline makes that export from the model's source, once, into the cache
     needs_export: dict | None = None
+    on_host: tuple[str, ...] = ()  # components run by the CPU backend while the rest use the device
 
     @property
     def predicted_peak(self) -> int:
@@ -119,7 +120,8 @@ class Plan:
     def describe(self) -> str:
         lines = [self.summary(), f"  device: {self.device}",
                  f"  resident: {', '.join(self.resident) or 'nothing'}; "
-                 f"loaded in turn: {', '.join(self.streamed) or 'nothing'}"]
+                 f"loaded in turn: {', '.join(self.streamed) or 'nothing'}"
+                 + (f"; on the host CPU: {', '.join(self.on_host)}" if self.on_host else "")]
         lines += [f"  {s.name:15s} {_gb(s.peak):>9s}  {s.detail}" for s in self.stages]
         if self.needs_export:
             lines.append("  needs an export with " + ", ".join(f"--{k} {v}" for k, v in self.needs_export.items())
@@ -139,6 +141,7 @@ RUNGS = (  # name, cfg batched, streamed, tiled VAE, sliced attention
     ("streamed-lean", False, True, True, False),
     ("lowest", False, True, True, True),
 )
+HOST_COMPONENTS = ("text_encoder", "safety_checker")
 SLICES = 16  # the lowest rung's query slices at the UNet's top level (export/attention.py)
 
 
@@ -193,9 +196,15 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         "safety_checker": (parts.get("safety_checker", _NONE).activations(1, 1, 1), "224px CLIP input"),
     }
     resident = () if streamed else tuple(order)
+    # On a card with memory of its own, the lean rungs run the text encoder and the safety checker on
+    # the host: they are small and run once, so the CPU costs little time and spares the card their weights.
+    on_host = tuple(n for n in HOST_COMPONENTS if n in order) if streamed and not device.unified_memory else ()
     stages = []
     for name in order:
         held = [n for n in resident if n != name] + [name]
+        if name in on_host:  # its memory is the host's, not the device's: nothing of the budget
+            stages.append(Stage(name, cost.fixed, f"{runs[name][1]}; on the host CPU"))
+            continue
         weights = sum(parts[n].weights for n in held if n in parts)
         act, detail = runs[name]
         peak = cost.fixed + int(cost.weights * weights) + int(cost.activations * act) + cost.session * len(held)
@@ -205,7 +214,7 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         cfg_batched=cfg_batched or not request.cfg, vae_tile=tile, vae_overlap=TILE_OVERLAP if tile else 0,
         resident=resident, streamed=tuple(order) if streamed else (),
         dtype=manifest.get("dtype", "fp32"), attention=attention, slices=slices, stages=tuple(stages),
-        needs_export=needs)
+        needs_export=needs, on_host=on_host)
 
 
 def _nothing_fits(model, facts: dict, request: Request, device, limit: int, why: str, lowest: Plan) -> str:

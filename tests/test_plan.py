@@ -236,3 +236,13 @@ def test_fp16_decoder_overflow_is_rerun_in_fp32(tiny, tmp_path):
     (out / "vae_decoder" / FP32_FALLBACK).unlink()
     with pytest.raises(EdgediffError, match="inf/NaN.*no fp32 decoder"):
         Pipeline.from_pretrained(out, backend="cpu")("a cat", num_inference_steps=2, seed=4)
+
+
+def test_a_small_card_runs_the_text_encoder_on_the_host():
+    model, facts = sd15("fp16")
+    small = make_plan(model, Request(512, 512), MACHINES["nvidia-4gb"][0], budget=3 * GiB, facts=facts)
+    assert small.on_host == ("text_encoder",) and "on the host CPU" in small.describe()
+    big = make_plan(model, Request(512, 512), MACHINES["nvidia-12gb"][0], facts=facts)
+    assert big.on_host == ()
+    unified = make_plan(model, Request(512, 512), MACHINES["m1-8gb"][0], budget=3 * GiB, facts=facts)
+    assert unified.on_host == ()  # one memory: nothing to spare by moving
