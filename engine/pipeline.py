@@ -94,7 +94,10 @@ class Pipeline:
                    memory_budget)
         # Plan the native size now: a model that cannot fit is refused before anything is loaded, and
         # the resident components are loaded here, so a broken file fails now, not mid-run.
-        pipe.plan = pipe.make_plan(Request(model.native_size, model.native_size))
+        try:
+            pipe.plan = pipe.make_plan(Request(model.native_size, model.native_size))
+        except EdgediffError:
+            return pipe  # the native size does not fit this budget; a smaller request may: plan per call
         for spec in (TEXT_ENCODER, UNET, VAE_DECODER):
             if spec.name in pipe.plan.resident:
                 pipe._session(spec)
