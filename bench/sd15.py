@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 SEED = 0
@@ -37,11 +34,10 @@ def build_sd15(out: Path | None = None) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ..engine.clip_vocab import write_clip_tokenizer
+    from ..engine.files import atomic_folder
     from ..export.single_file import SD1_SCHEDULER, SD1_TEXT, SD1_UNET, SD_VAE
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         torch.manual_seed(SEED)
         # One component at a time, saved and freed: the peak stays at the UNet's 3.4 GB.
         for name, build in (
@@ -63,10 +59,6 @@ def build_sd15(out: Path | None = None) -> Path:
             "scheduler": ["diffusers", "PNDMScheduler"],
             "safety_checker": [None, None], "feature_extractor": [None, None],
         }, indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model is an ordinary folder
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

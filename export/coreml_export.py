@@ -31,9 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,8 +40,9 @@ import numpy as np
 
 from ..engine.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
 from ..engine.errors import EdgediffError
+from ..engine.files import atomic_folder
 from .onnx_export import (MANIFEST, VARIANT_MAX_RELATIVE_ERROR, ComponentReport, _check_source, _quiet,
-                          _umask, check_out, folder_hash, psnr)
+                          check_out, manifest_header, psnr)
 
 log = logging.getLogger("edgediff")
 
@@ -104,21 +103,12 @@ def export_coreml(src: str | Path, out: str | Path, width: int, height: int, bat
         raise EdgediffError(f"batch must be at least 1 (got {batch})")
     _check_source(src)
     check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         with torch.no_grad(), _quiet(), _quiet_coremltools():
             reports, shapes = _export_all(src, tmp, width, height, batch, attention, compute_units,
                                           components)
-        from .. import __version__
-
         manifest = {
-            "format": "edgediff-coreml",
-            "version": 1,
-            "edgediff_version": __version__,
-            "name": name or src.resolve().name,
-            "source": source or {"kind": "diffusers-folder", "path": str(src.resolve()),
-                                 "sha256": folder_hash(src)},
+            **manifest_header("edgediff-coreml", 1, src, name, source),
             "width": width, "height": height, "batch": batch,
             "shapes": shapes,
             "dtype": "fp16",  # compute; inputs and outputs are fp32 (input_ids int32)
@@ -128,12 +118,6 @@ def export_coreml(src: str | Path, out: str | Path, width: int, height: int, bat
             "components": {r.name: asdict(r) for r in reports},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes it private; the model is an ordinary folder
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return reports
 
 

@@ -26,7 +26,6 @@ import errno
 import gc
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -41,6 +40,7 @@ from ..engine.clip_vocab import add_vocab_files
 from ..engine.components import (FP32_FALLBACK, FP32_FALLBACK_COMPONENTS, SAFETY_CHECKER, TEXT_ENCODER, UNET,
                                  VAE_DECODER, VAE_ENCODER, ComponentSpec)
 from ..engine.errors import EdgediffError
+from ..engine.files import atomic_folder
 from . import memory_profile
 from .attention import DEFAULT_SLICES, VARIANTS
 
@@ -131,40 +131,39 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
     src, out = Path(src), Path(out)
     _check_source(src)
     check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        with torch.no_grad(), _quiet():
-            reports = _export_all(src, tmp, options, profile_memory)
-        from .. import __version__
-
-        manifest = {
-            "format": "edgediff-onnx",
-            "version": 2,
-            "edgediff_version": __version__,
-            "name": name or src.resolve().name,
-            "source": source or {"kind": "diffusers-folder", "path": str(src.resolve()),
-                                 "sha256": folder_hash(src)},
-            "dtype": options.dtype,
-            "attention": options.attention,
-            "slices": options.slices if options.attention == "sliced" else None,
-            "opset": OPSET,
-            "min_psnr": MIN_PSNR[options.dtype],
-            "components": {r.name: asdict(r) for r in reports},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes it private; the model is an ordinary folder
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_folder(out) as tmp:
+            with torch.no_grad(), _quiet():
+                reports = _export_all(src, tmp, options, profile_memory)
+            manifest = {
+                **manifest_header("edgediff-onnx", 2, src, name, source),
+                "dtype": options.dtype,
+                "attention": options.attention,
+                "slices": options.slices if options.attention == "sliced" else None,
+                "opset": OPSET,
+                "min_psnr": MIN_PSNR[options.dtype],
+                "components": {r.name: asdict(r) for r in reports},
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise EdgediffError(f"no space left on the disk of {out.parent} while exporting; nothing was "
                                 "written: free some space (an SD 1.5 fp32 export takes about 4 GB) and retry") from None
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def manifest_header(fmt: str, version: int, src: Path, name: str | None, source: dict | None) -> dict:
+    """What every edgediff.json starts with: the format, and what was exported by which edgediff."""
+    from .. import __version__
+
+    return {
+        "format": fmt,
+        "version": version,
+        "edgediff_version": __version__,
+        "name": name or src.resolve().name,
+        "source": source or {"kind": "diffusers-folder", "path": str(src.resolve()), "sha256": folder_hash(src)},
+    }
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -190,11 +189,6 @@ def folder_hash(folder: Path) -> str:
                 h.update(chunk)
     return h.hexdigest()
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager

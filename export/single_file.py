@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.clip_vocab import PAD_SD1, PAD_SD2, VOCAB_SIZE, write_clip_tokenizer
 from ..engine.errors import EdgediffError
+from ..engine.files import atomic_folder
 
 log = logging.getLogger("edgediff")
 
@@ -442,9 +441,7 @@ def to_diffusers(path: str | Path, out_dir: str | Path, config: Path | None = No
     log.info("%s: %s%s, %s", path.name, found.family, " inpainting" if found.inpainting else "",
              scheduler["prediction_type"])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         try:
             _write_unet(tmp / "unet", state, unet)
             _write_vae(tmp / "vae", state, vae)
@@ -462,12 +459,6 @@ def to_diffusers(path: str | Path, out_dir: str | Path, config: Path | None = No
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(found, scheduler), indent=2))
-        os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes it private; the model is an ordinary folder
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -576,8 +567,3 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise EdgediffError(f"{path} cannot be read: {_one_line(e)}") from None
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
