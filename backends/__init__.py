@@ -75,29 +75,27 @@ def open_with_fallback(path: Path, spec: ComponentSpec, backend: Backend, device
         names = list(REGISTRY)
         later = names[names.index(backend.name) + 1:] if backend.name in names else ["cpu"]
         fallbacks = [get_backend(name) for name in later]
-    first_backend = backend.name
-    try:
-        return backend.open(path, spec, device, memory_limit), backend, device
-    except MissingComponent:
-        raise
-    except Exception as e:
-        first, reason = e, first_line(e)
-    for fallback in fallbacks:
+    first = failed = reason = None
+    for candidate in [backend, *fallbacks]:
+        if candidate is backend:
+            found = device
+        else:
+            try:
+                found = candidate.probe()
+            except Exception as e:  # probes should not raise; a broken one must not hide the others
+                found = Unavailable(candidate.name, f"probe failed: {first_line(e)}")
+            if isinstance(found, Unavailable):
+                log.debug("backend %s unavailable: %s", found.backend, found.reason)
+                continue
+            log.warning("%s could not open the %s (%s); running it on %s instead", failed, spec.name, reason,
+                        candidate.name)
         try:
-            found = fallback.probe()
-        except Exception as e:  # probes should not raise; a broken one must not hide the others
-            found = Unavailable(fallback.name, f"probe failed: {first_line(e)}")
-        if isinstance(found, Unavailable):
-            log.debug("backend %s unavailable: %s", found.backend, found.reason)
-            continue
-        log.warning("%s could not open the %s (%s); running it on %s instead", backend.name, spec.name, reason,
-                    fallback.name)
-        try:
-            return fallback.open(path, spec, found, memory_limit), fallback, found
+            return candidate.open(path, spec, found, memory_limit), candidate, found
         except MissingComponent:
             raise
         except Exception as e:
-            backend, reason = fallback, first_line(e)
+            first = first or e
+            failed, reason = candidate.name, first_line(e)
     if isinstance(first, EdgediffError):
         raise first
-    raise EdgediffError(f"{first_backend} could not open the {spec.name}: {first_line(first)}") from first
+    raise EdgediffError(f"{backend.name} could not open the {spec.name}: {first_line(first)}") from first
