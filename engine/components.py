@@ -57,6 +57,29 @@ VAE_DECODER = ComponentSpec(
     outputs=(TensorSpec("sample", "float32", ("batch", "rgb", "image_height", "image_width")),),
 )
 
+# The decoder split for tiled decodes with image-wide GroupNorm statistics (export/wrappers.py): the
+# head runs whole at latent resolution; the tail runs per tile, normalising with `norm_stats` mixed in
+# by `stats_mix` (0: its own, as diffusers' decoder; 1: the given ones) and returning the statistics
+# of the region `stats_mask` marks as the tile's own. Optional: older and optimum folders lack them,
+# and the runtime then blends tiles of the whole decoder.
+HIDDEN_SCALE = 2  # the head ends with the first up block's upsampler: hidden is twice the latent size
+VAE_DECODER_HEAD = ComponentSpec(
+    "vae_decoder_head",
+    inputs=(TensorSpec("latent_sample", "float32", ("batch", "latent_channels", "height", "width")),),
+    outputs=(TensorSpec("hidden", "float32", ("batch", "decoder_channels", "hidden_height", "hidden_width")),),
+    required=False,
+)
+VAE_DECODER_TAIL = ComponentSpec(
+    "vae_decoder_tail",
+    inputs=(TensorSpec("hidden", "float32", ("batch", "decoder_channels", "hidden_height", "hidden_width")),
+            TensorSpec("norm_stats", "float32", ("norms", "batch", "groups", "mean_var")),
+            TensorSpec("stats_mask", "float32", ("one", "one", "hidden_height", "hidden_width")),
+            TensorSpec("stats_mix", "float32", ("one",))),
+    outputs=(TensorSpec("sample", "float32", ("batch", "rgb", "image_height", "image_width")),
+             TensorSpec("tile_stats", "float32", ("norms", "batch", "groups", "mean_var"))),
+    required=False,
+)
+
 # The CLIP-based classifier SD ships to flag unsafe pictures (diffusers' StableDiffusionSafetyChecker,
 # its forward_onnx): CLIP-preprocessed pixels in, the same images out with flagged ones blacked.
 SAFETY_CHECKER = ComponentSpec(
@@ -71,6 +94,6 @@ SAFETY_CHECKER = ComponentSpec(
 # An fp16 export keeps its VAE decoder's fp32 graph beside it under this name: the runtime re-runs a
 # decode that overflowed (inf/NaN, the black image) with it, as A1111's --no-half-vae would.
 FP32_FALLBACK = "model_fp32.onnx"
-FP32_FALLBACK_COMPONENTS = ("vae_decoder",)
+FP32_FALLBACK_COMPONENTS = ("vae_decoder", "vae_decoder_head", "vae_decoder_tail")
 
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, SAFETY_CHECKER)
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, VAE_DECODER_HEAD, VAE_DECODER_TAIL, SAFETY_CHECKER)

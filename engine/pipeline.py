@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,8 +23,9 @@ from PIL import Image
 
 from . import noise as rnd
 from .plan import Plan, Request, make_plan, parse_budget
-from .tiling import tiled
-from .components import COMPONENTS, FP32_FALLBACK, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
+from .tiling import shared_stats_decode, tiled
+from .components import (COMPONENTS, FP32_FALLBACK, HIDDEN_SCALE, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER,
+                         VAE_DECODER_HEAD, VAE_DECODER_TAIL, VAE_ENCODER, ComponentSpec)
 from .errors import EdgediffError
 from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
 from .model_folder import LATENT_CHANNELS, ModelInfo, read_model_folder
@@ -304,8 +305,10 @@ class Pipeline:
         # 6. Decode, one image at a time (the VAE decoder's activations are the largest of the run),
         # whole or in the plan's tiles; an fp16 decoder that overflows is re-run from its fp32 artifact.
         reruns: list[str] = []
-        with _timed(timings, "vae_decoder"), self._using(VAE_DECODER) as vae:
-            decoded = [self._decode(vae, x[k:k + 1] / np.float32(model.scaling_factor), plan, reruns)
+        decoder = (VAE_DECODER_HEAD, VAE_DECODER_TAIL) if plan.vae_margin else (VAE_DECODER,)
+        with _timed(timings, "vae_decoder"), ExitStack() as stack:
+            sessions = [stack.enter_context(self._using(spec)) for spec in decoder]
+            decoded = [self._decode(decoder, sessions, x[k:k + 1] / np.float32(model.scaling_factor), plan, reruns)
                        for k in range(batch)]  # each (1, 3, H, W)
         images = to_pil(np.concatenate(decoded))
 
@@ -324,28 +327,38 @@ class Pipeline:
         return GenerationResult(images, seeds, params, timings, nsfw_content_detected=flagged, plan=plan,
                                 peak_memory=_peak_memory(), fp32_reruns=reruns)
 
-    def _decode(self, vae, z: np.ndarray, plan: Plan, reruns: list[str]) -> np.ndarray:
-        def run(session, latents):
-            if not plan.vae_tile:
-                return session.run(latent_sample=latents)["sample"]
-            f = self.model.vae_scale_factor
-            return tiled(lambda t: session.run(latent_sample=t)["sample"], latents, plan.vae_tile // f,
-                         plan.vae_overlap // f, f)
-
-        image = run(vae, z)
+    def _decode(self, specs, sessions, z: np.ndarray, plan: Plan, reruns: list[str]) -> np.ndarray:
+        image = self._run_decoder(sessions, z, plan)
         if np.isfinite(image).all():
             return image
-        # The black-image bug: fp16 overflow. An fp16 export keeps its decoder's fp32 graph beside it.
-        fp32 = self.model.path / VAE_DECODER.name / FP32_FALLBACK
-        if not fp32.is_file():
+        # The black-image bug: fp16 overflow. An fp16 export keeps its decoder's fp32 graphs beside it.
+        fp32 = [self.model.path / spec.name / FP32_FALLBACK for spec in specs]
+        if not all(p.is_file() for p in fp32):
             raise EdgediffError(f"the VAE decoder returned inf/NaN (an fp16 overflow: the picture would be "
                                 f"black) and {self.model.path} has no fp32 decoder to re-run it with; "
                                 "export the model again (fp16 exports now keep one) or with --dtype fp32")
         log.warning("the fp16 VAE decoder overflowed (inf/NaN); decoding again with its fp32 graph")
         if "vae_decoder" not in reruns:
             reruns.append("vae_decoder")
-        session = self.backend.open(fp32, VAE_DECODER, self.device)
-        return run(session, z)
+        return self._run_decoder([self.backend.open(p, spec, self.device) for p, spec in zip(fp32, specs)], z, plan)
+
+    def _run_decoder(self, sessions, z: np.ndarray, plan: Plan) -> np.ndarray:
+        f = self.model.vae_scale_factor
+        if plan.vae_margin:  # the split decoder, tiles with image-wide GroupNorm statistics
+            head, tail = sessions
+            facts = self.model.export_manifest["components"][VAE_DECODER_TAIL.name]["extra"]
+            per_hidden = f // HIDDEN_SCALE
+
+            def run_tail(hidden, stats, mask, mix):
+                out = tail.run(hidden=hidden, norm_stats=stats, stats_mask=mask, stats_mix=mix)
+                return out["sample"], out["tile_stats"]
+            return shared_stats_decode(lambda t: head.run(latent_sample=t)["hidden"], run_tail, z,
+                                       plan.vae_tile // per_hidden, plan.vae_margin // per_hidden,
+                                       facts["norms"], facts["groups"])
+        (vae,) = sessions
+        if not plan.vae_tile:
+            return vae.run(latent_sample=z)["sample"]
+        return tiled(lambda t: vae.run(latent_sample=t)["sample"], z, plan.vae_tile // f, plan.vae_overlap // f, f)
 
     def _check_safety(self, images: list[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
         from .safety import ClipPreprocess

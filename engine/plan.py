@@ -11,7 +11,8 @@ trades speed for memory in the way users of AUTOMATIC1111 pick by hand (--medvra
     resident          every component loaded for the whole run, cond and uncond in one UNet call
     sequential-cfg    as resident, the UNet called twice per step with half the batch
     streamed          each component loaded, run and freed in turn (text -> UNet -> VAE)
-    streamed-tiled    streamed, and the VAE decodes in overlapping tiles
+    streamed-tiled    streamed, and the VAE decodes in tiles (engine/tiling.py: with image-wide
+                      GroupNorm statistics where the export has the split decoder)
     streamed-lean     streamed, sequential cfg, tiled VAE
     lowest            streamed-lean with the UNet's attention computed in slices of the queries (an
                       export with --attention sliced, made from the model's source when it is not one)
@@ -56,6 +57,10 @@ BACKEND_COSTS = {
 }
 TILE = 256  # pixels: the VAE tile of the tiled rungs (32 latents); a decode's peak scales with its area
 TILE_OVERLAP = 64  # pixels blended between neighbouring tiles
+# The split decoder's tiles (engine/tiling.shared_stats_decode): each runs with a margin of the tail's
+# receptive field (48 px for SD) on every side, so a smaller core gives about the same area as TILE.
+SPLIT_TILE = 192
+SPLIT_DECODER = ("vae_decoder_head", "vae_decoder_tail")
 
 
 def parse_budget(text: str | int | float | None) -> int | None:
@@ -95,7 +100,7 @@ class Plan:
     rung: str
     cfg_batched: bool  # cond and uncond in one UNet call (2B) or one after the other (B, twice)
     vae_tile: int | None  # pixels; None: whole
-    vae_overlap: int
+    vae_overlap: int  # pixels blended between tiles (whole-decoder tiles and the encoder's)
     resident: tuple[str, ...]  # loaded once, kept for the run
     streamed: tuple[str, ...]  # loaded, run and freed in turn
     dtype: str
@@ -106,6 +111,7 @@ class Plan:
     # "slices": 16}); the pipeline makes that export from the model's source, once, into the cache
     needs_export: dict | None = None
     on_host: tuple[str, ...] = ()  # components run by the CPU backend while the rest use the device
+    vae_margin: int = 0  # pixels around the split decoder's tiles (shared statistics); 0 when not used
 
     @property
     def predicted_peak(self) -> int:
@@ -113,7 +119,8 @@ class Plan:
 
     def summary(self) -> str:
         r = self.request
-        vae = f"VAE in {self.vae_tile}px tiles" if self.vae_tile else "VAE whole"
+        vae = "VAE whole" if not self.vae_tile else f"VAE in {self.vae_tile}px tiles" + \
+            (" with image-wide GroupNorm statistics" if self.vae_margin else "")
         attention = f"sliced attention ({self.slices} slices)" if self.attention == "sliced" else \
             f"{self.attention} attention"
         cfg = "cfg batched" if self.cfg_batched else "cfg one after the other"
@@ -186,8 +193,18 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
     h, w = request.height // f, request.width // f
     rows = request.batch * (2 if request.cfg else 1)
     unet_batch = rows if cfg_batched or not request.cfg else request.batch
-    tile = TILE if tiled and max(request.width, request.height) > TILE else None
+    split = tiled and all(n in parts for n in SPLIT_DECODER) and "margin" in parts["vae_decoder_tail"].extra
+    tile = (SPLIT_TILE if split else TILE) if tiled and max(request.width, request.height) > TILE else None
     th, tw = (min(h, tile // f), min(w, tile // f)) if tile else (h, w)
+    decode = parts["vae_decoder"].activations(1, th, tw)
+    decode_detail = f"{tile}px tiles, {TILE_OVERLAP}px overlap" if tile else f"1 image {request.width}x{request.height}"
+    margin = 0
+    if tile and split:
+        decode, margin, decode_detail = _split_decode(parts, request, f, tile)
+        if decode >= parts["vae_decoder"].activations(1, h, w):  # small VAEs: the head's attention dominates
+            tile, margin = None, 0
+            decode, decode_detail = parts["vae_decoder"].activations(1, h, w), f"1 image {request.width}x{request.height}"
+    decoder = SPLIT_DECODER if margin else ("vae_decoder",)
 
     order = ["text_encoder"] + (["vae_encoder"] if request.img2img else []) + ["unet", "vae_decoder"] \
         + (["safety_checker"] if "safety_checker" in parts else [])
@@ -195,8 +212,7 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         "text_encoder": (parts["text_encoder"].activations(rows, 1, 1), f"{rows} prompts"),
         "vae_encoder": (parts.get("vae_encoder", _NONE).activations(1, h, w), f"1 image {request.width}x{request.height}"),
         "unet": (parts["unet"].activations(unet_batch, h, w), f"batch {unet_batch} at {h}x{w} latents"),
-        "vae_decoder": (parts["vae_decoder"].activations(1, th, tw),
-                        f"{tile}px tiles, {TILE_OVERLAP}px overlap" if tile else f"1 image {request.width}x{request.height}"),
+        "vae_decoder": (decode, decode_detail),
         "safety_checker": (parts.get("safety_checker", _NONE).activations(1, 1, 1), "224px CLIP input"),
     }
     resident = () if streamed else tuple(order)
@@ -209,6 +225,7 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         if name in on_host:  # its memory is the host's, not the device's: nothing of the budget
             stages.append(Stage(name, cost.fixed, f"{runs[name][1]}; on the host CPU"))
             continue
+        held = [part for n in held for part in (decoder if n == "vae_decoder" else (n,))]
         weights = sum(parts[n].weights for n in held if n in parts)
         act, detail = runs[name]
         peak = cost.fixed + int(cost.weights * weights) + int(cost.activations * act) + cost.session * len(held)
@@ -216,9 +233,28 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
     return Plan(
         backend=device.backend, device=device.name, budget=limit, request=request, rung=rung,
         cfg_batched=cfg_batched or not request.cfg, vae_tile=tile, vae_overlap=TILE_OVERLAP if tile else 0,
+        vae_margin=margin,
         resident=resident, streamed=tuple(order) if streamed else (),
         dtype=manifest.get("dtype", "fp32"), attention=attention, slices=slices, stages=tuple(stages),
         needs_export=needs, on_host=on_host)
+
+
+def _split_decode(parts: dict, request: Request, f: int, tile: int) -> tuple[int, int, str]:
+    """(activation bytes, margin in pixels, detail) of engine/tiling.shared_stats_decode: the head whole,
+    then the tail over one tile and its margins while the head's output (and its half-size copy for
+    the statistics) is held."""
+    from .components import HIDDEN_SCALE
+
+    tail = parts["vae_decoder_tail"]
+    per_hidden = f // HIDDEN_SCALE  # pixels per hidden pixel
+    margin = int(tail.extra["margin"]) * per_hidden
+    hh, hw = request.height // per_hidden, request.width // per_hidden
+    region = [min(side, tile // per_hidden + 2 * margin // per_hidden) / HIDDEN_SCALE for side in (hh, hw)]
+    held = int(1.25 * 4 * tail.extra.get("channels", 0) * hh * hw) + 4 * 3 * request.height * request.width
+    head = parts["vae_decoder_head"].activations(1, request.height // f, request.width // f)
+    tiles = tail.activations(1, round(region[0]), round(region[1]))
+    detail = f"{tile}px tiles + {margin}px margins, GroupNorm statistics shared"
+    return max(head, held + tiles), margin, detail
 
 
 def _nothing_fits(model, facts: dict, request: Request, device, limit: int, why: str, lowest: Plan) -> str:
@@ -251,6 +287,7 @@ def _nothing_fits(model, facts: dict, request: Request, device, limit: int, why:
 class ComponentFacts:
     weights: int  # bytes on disk (graph + external data)
     fit: tuple[float, float, float]  # export/memory_profile.py's activation polynomial
+    extra: dict = field(default_factory=dict)  # the manifest's component extras (the tail's margin)
 
     def activations(self, batch: int, h: int, w: int) -> int:
         c0, c1, c2 = self.fit
@@ -283,5 +320,6 @@ def component_facts(model) -> dict[str, ComponentFacts]:
             continue
         weights = sum(p.stat().st_size for p in files)
         fit = manifest.get(folder.name, {}).get("activations", {}).get("fit")
-        facts[folder.name] = ComponentFacts(weights, tuple(fit) if fit else FALLBACK_FITS.get(folder.name, (0, 0, 0)))
+        facts[folder.name] = ComponentFacts(weights, tuple(fit) if fit else FALLBACK_FITS.get(folder.name, (0, 0, 0)),
+                                            manifest.get(folder.name, {}).get("extra", {}))
     return facts

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.components import ComponentSpec
+from ..engine.components import HIDDEN_SCALE, ComponentSpec
 
 log = logging.getLogger("edgediff")
 
@@ -62,7 +62,8 @@ def _peak(model, spec: ComponentSpec, batch: int, side: int, vae_scale: int, seq
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     sizes = {"batch": batch, "sequence": sequence, "height": side, "width": side,
-             "image_height": side * vae_scale, "image_width": side * vae_scale}
+             "image_height": side * vae_scale, "image_width": side * vae_scale,
+             "hidden_height": side * HIDDEN_SCALE, "hidden_width": side * HIDDEN_SCALE}
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     for graph_input in fixed.graph.input:

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..engine.clip_vocab import add_vocab_files
 from ..engine.components import (FP32_FALLBACK, FP32_FALLBACK_COMPONENTS, SAFETY_CHECKER, TEXT_ENCODER, UNET,
-                                 VAE_DECODER, VAE_ENCODER, ComponentSpec)
+                                 VAE_DECODER, VAE_DECODER_HEAD, VAE_DECODER_TAIL, VAE_ENCODER, ComponentSpec)
 from ..engine.errors import EdgediffError
 from ..engine.files import atomic_folder
 from . import memory_profile
@@ -68,6 +68,9 @@ FP16_KEEP_NODES = {
     "vae_decoder": (r"^/post_quant_conv/", r"^/decoder/conv_in/", r"^/decoder/mid_block/attentions",
                     r"^/decoder/conv_norm_out/", r"^/decoder/conv_act/", r"^/decoder/conv_out/"),
     "vae_encoder": (r"^/encoder/mid_block/attentions", r"^/encoder/conv_norm_out/", r"^/quant_conv/"),
+    "vae_decoder_head": (r"^/post_quant_conv/", r"^/decoder/conv_in/", r"^/decoder/mid_block/attentions"),
+    # the shared-statistics GroupNorms (sums over whole tiles) and the last layers, as in the decoder
+    "vae_decoder_tail": (r"/norm[12]/", r"^/decoder/conv_norm_out/", r"^/decoder/conv_act/", r"^/decoder/conv_out/"),
     "safety_checker": (r".",),  # a classifier with thresholds: its decision must not move with precision
 }
 # Beyond the fixed list, every node that reads or writes a value reaching this magnitude on the sample
@@ -120,12 +123,14 @@ class ComponentReport:
 
 
 def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), force: bool = False,
-                name: str | None = None, source: dict | None = None, profile_memory: bool = True) -> dict:
+                name: str | None = None, source: dict | None = None, profile_memory: bool = True,
+                only: tuple[str, ...] | None = None) -> dict:
     """Export the diffusers folder `src` to `out` and return the manifest (also written to
     out/edgediff.json). `name` is the model's name in PNG metadata (default: the source folder's name);
     `source` describes where the folder came from (export/sources.py) for the manifest.
     `profile_memory=False` skips the activation profile the planner reads (a few seconds per model):
-    the tests that only check graphs do without it."""
+    the tests that only check graphs do without it. `only` names the components to export (benchmarks
+    of one part); the folder is then not a runnable model."""
     import torch
 
     src, out = Path(src), Path(out)
@@ -134,7 +139,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
     try:
         with atomic_folder(out) as tmp:
             with torch.no_grad(), _quiet():
-                reports = _export_all(src, tmp, options, profile_memory)
+                reports = _export_all(src, tmp, options, profile_memory, only)
             manifest = {
                 **manifest_header("edgediff-onnx", 2, src, name, source),
                 "dtype": options.dtype,
@@ -218,7 +223,8 @@ def _check_source(src: Path) -> None:
         raise EdgediffError(f"{src} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}")
 
 
-def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bool) -> list[ComponentReport]:
+def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bool,
+                only: tuple[str, ...] | None = None) -> list[ComponentReport]:
     import torch
 
     from . import wrappers
@@ -227,7 +233,7 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
 
     has_checker = options.safety_checker and (src / "safety_checker" / "config.json").is_file()
     # disable=None: a bar on a terminal, nothing in logs and CI
-    bar = tqdm(total=4 + has_checker, desc="exporting", unit="component", disable=None, leave=False)
+    bar = tqdm(total=6 + has_checker, desc="exporting", unit="component", disable=None, leave=False)
     g = torch.Generator().manual_seed(0)
     unet_config = json.loads((src / "unet" / "config.json").read_text())
     size = unet_config.get("sample_size", 64)
@@ -237,6 +243,8 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
     reports = []
 
     def job(spec, load, make_args, config_dir, has_attention=False):
+        if only is not None and spec.name not in only:
+            return
         module, config = load()
         args = make_args(module)
         folder = tmp / spec.name
@@ -297,10 +305,29 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
     def decoder_args(module):
         return (torch.randn(1, module.m.config.latent_channels, size, size, generator=g),)
 
+    tail_shape = {}
+
+    def tail_args(module):
+        # Realistic inputs: the head's output for a latent, and for statistics the tail's own on it, so
+        # the parity run (mix 1) goes through the given-statistics path and still decodes that latent.
+        (latent,) = decoder_args(module)
+        with torch.no_grad():
+            hidden = wrappers.decoder_head(module.m, latent)
+            mask = torch.ones(1, 1, *hidden.shape[-2:])
+            empty = torch.zeros(module.norms, 1, module.groups, 2)
+            _, stats = module(hidden, empty, mask, torch.zeros(1))
+        tail_shape.update(norms=module.norms, groups=module.groups, channels=int(hidden.shape[1]))
+        return hidden, stats, mask, torch.ones(1)
+
     job(TEXT_ENCODER, text_encoder, text_args, "text_encoder")
     job(UNET, unet, unet_args, "unet", has_attention=True)
     job(VAE_ENCODER, vae(wrappers.VaeEncoder), encoder_args, "vae", has_attention=True)
     job(VAE_DECODER, vae(wrappers.VaeDecoder), decoder_args, "vae", has_attention=True)
+    if len(vae_config.get("block_out_channels", ())) > 1:
+        job(VAE_DECODER_HEAD, vae(wrappers.VaeDecoderHead), decoder_args, "vae", has_attention=True)
+        job(VAE_DECODER_TAIL, vae(wrappers.VaeDecoderTail), tail_args, "vae")  # last: it rewires the VAE
+        if tail_shape:
+            reports[-1].extra = {"margin": wrappers.tail_margin(vae_cache["vae"].config), **tail_shape}
     vae_cache.clear()
     if has_checker:
         def safety_checker():
@@ -378,7 +405,7 @@ def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, opti
 
 
 _FIXED_AXES = {"channels", "latent_channels", "moments", "rgb", "hidden", "clip_rgb", "clip_height",
-               "clip_width"}
+               "clip_width", "decoder_channels", "norms", "groups", "mean_var", "one"}
 
 
 def _io(t) -> dict:

@@ -110,7 +110,8 @@ def test_export_options_pass_the_parity_gate(exports, tiny, kind, options):
     folder = exports(kind, options)
     m = manifest(folder)
     assert (m["dtype"], m["attention"]) == (options.dtype, options.attention)
-    assert set(m["components"]) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+    assert set(m["components"]) == {"text_encoder", "unet", "vae_encoder", "vae_decoder", "vae_decoder_head",
+                                    "vae_decoder_tail"}
     for c in m["components"].values():
         assert c["psnr"] is None or c["psnr"] >= ox.MIN_PSNR[options.dtype], c
         assert c["dtype"] == options.dtype
