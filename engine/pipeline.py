@@ -115,7 +115,7 @@ class Pipeline:
                                     "need; export the model again with `edgediff export`")
             from ..backends import open_with_fallback
 
-            limit = self.plan.budget if self.plan else None
+            limit = self.plan.session_memory_limit if self.plan else None
             path = self.model.component(spec)
             if spec.name == UNET.name and self.plan is not None and self.plan.needs_export:
                 path = self._variant(self.plan.needs_export) / spec.onnx_path
@@ -271,6 +271,8 @@ class Pipeline:
         steps = range(start, len(schedule))
         bar = _progress(len(steps), progress)
         with self._using(UNET) as unet:
+            if plan.cfg_batched:  # the same text embeddings every step: on a GPU, sent to it once (IO binding)
+                unet.keep("encoder_hidden_states", context)
             for n, i in enumerate(steps):
                 model_input = np.concatenate([x, x]) if cfg else x  # (2B, 4, h, w)
                 model_input = sched.scale_model_input(schedule, i, model_input)
@@ -279,7 +281,7 @@ class Pipeline:
                 t = np.full((model_input.shape[0],), schedule.timesteps[i], dtype=np.float32)
                 with _timed(timings, "unet"):
                     if plan.cfg_batched:
-                        out = unet.run(sample=model_input, timestep=t, encoder_hidden_states=context)["out_sample"]
+                        out = unet.run(sample=model_input, timestep=t)["out_sample"]
                     else:  # the plan halves the UNet's activations: uncond, then cond
                         out = np.concatenate([unet.run(sample=half, timestep=t[:batch], encoder_hidden_states=c)["out_sample"]
                                               for half, c in zip(np.split(model_input, 2), np.split(context, 2))])

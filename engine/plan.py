@@ -114,6 +114,12 @@ class Plan:
     vae_margin: int = 0  # pixels around the split decoder's tiles (shared statistics); 0 when not used
 
     @property
+    def session_memory_limit(self) -> int:
+        """What a device session's allocator may take (CUDA's gpu_mem_limit): the budget less the
+        backend's fixed overhead (context, cuDNN/cuBLAS handles), which lives outside the allocator."""
+        return max(self.budget - BACKEND_COSTS.get(self.backend, BACKEND_COSTS["cpu"]).fixed, 0)
+
+    @property
     def predicted_peak(self) -> int:
         return max(s.peak for s in self.stages)
 

@@ -118,3 +118,18 @@ def test_plain_model_inpainting_keeps_the_unmasked_region(tiny):
     reconstruction = np.asarray(scene(), dtype=float)
     assert np.abs(a[border] - reconstruction[border]).mean() < np.abs(b[border] - reconstruction[border]).mean()
     assert np.abs(a[centre] - b[centre]).mean() < np.abs(a[border] - b[border]).mean() + 50
+
+
+def test_text_embeddings_are_sent_to_the_unet_once_per_generation(tiny):
+    """The UNet's encoder_hidden_states are the same at every step: kept on the session's device (IO
+    binding) once, not sent again each step; the images are the ones of plain runs."""
+    pipe = Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu")
+    first = pipe("a red circle", num_inference_steps=3, seed=2, scheduler="euler")
+    unet = pipe._sessions["unet"]
+    assert (unet.uploads, unet.bound_runs) == (1, 3)
+    second = pipe("a blue square", num_inference_steps=3, seed=2, scheduler="euler")
+    assert (unet.uploads, unet.bound_runs) == (2, 6)  # new prompt, new embeddings: sent once more
+    unet._kept.clear()  # plain runs, no binding
+    again = pipe("a red circle", num_inference_steps=3, seed=2, scheduler="euler")
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
+    assert not np.array_equal(np.asarray(second.images[0]), np.asarray(first.images[0]))

@@ -365,3 +365,17 @@ def test_sd15_lean_plans_use_the_split_decoder():
     older = {k: v for k, v in facts.items() if not k.startswith("vae_decoder_")}
     blended = _plan(model, older, Request(512, 512), device, 10 ** 12, *RUNGS[-2])
     assert blended.vae_tile == 256 and blended.vae_margin == 0 and blended.vae_overlap == 64
+
+
+def test_cuda_allocator_limit_leaves_room_for_the_context():
+    """gpu_mem_limit caps ONNX Runtime's arena only; the CUDA context is outside it, so the session gets
+    the budget less the backend's fixed overhead, and the provider options carry that figure."""
+    from edgediff.backends.cuda import cuda_provider_options
+    from edgediff.engine.plan import BACKEND_COSTS
+
+    device = MACHINES["nvidia-4gb"][0]
+    model, facts = sd15("fp16")
+    plan = make_plan(model, Request(512, 512), device, facts=facts)
+    assert plan.session_memory_limit == plan.budget - BACKEND_COSTS["cuda"].fixed
+    options = cuda_provider_options(0, memory_limit=plan.session_memory_limit)
+    assert int(options["gpu_mem_limit"]) == plan.session_memory_limit < plan.budget
