@@ -1,4 +1,4 @@
-"""The `edgediff` command: demo, export, generate, devices.
+"""The `edgediff` command: demo, export, generate, plan, devices, bench.
 
 Bad input ends in one line, `edgediff: error: ...`, exit status 2, and no file written.
 """
@@ -108,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
 
     devices = sub.add_parser("devices", help="list the backends and what each would run on")
     devices.set_defaults(run=_devices)
+
+    from .bench import run as bench_run  # argparse and the standard library only, until it runs
+
+    bench = sub.add_parser("bench", help="time a fixed protocol, against diffusers and optimum too; "
+                                         "`bench compare A.json B.json` renders reports side by side")
+    bench_run.add_arguments(bench)
+    bench.set_defaults(run=bench_run.run)
     return p
 
 
