@@ -50,11 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("src", help="a diffusers folder, a .safetensors/.ckpt file, a hub id, or `builtin`")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--format", default="onnx", choices=("onnx", "coreml"))
-    export.add_argument("--dtype", default=None, choices=("fp32", "fp16"),
-                        help="fp16 keeps the numerically fragile parts in fp32 (default: fp32 for ONNX, "
-                             "fp16 for Core ML)")
-    export.add_argument("--attention", default="standard", choices=("standard", "sliced", "split-einsum"),
-                        help="sliced: less memory; split-einsum: Apple's Neural Engine layout")
+    export.add_argument("--dtype", default=None, choices=("fp32", "fp16", "int8"),
+                        help="fp16 keeps the numerically fragile parts in fp32; int8 quantizes the UNet for "
+                             "CPUs, calibrated on its own generations (default: fp32 for ONNX, fp16 for Core ML)")
+    export.add_argument("--attention", default=None, choices=("fused", "standard", "sliced", "split-einsum"),
+                        help="fused (ONNX default): ONNX Runtime's fused attention kernel; standard (Core ML "
+                             "default): the plain graph; sliced: less memory without fused kernels; "
+                             "split-einsum: Apple's Neural Engine layout")
     export.add_argument("--slices", type=int, default=16, help="sliced attention: query slices (default: %(default)s)")
     export.add_argument("--config", default=None,
                         help="single files: a diffusers folder whose configs describe the checkpoint")
@@ -124,7 +126,8 @@ def _export(args) -> None:
 
     start = time.perf_counter()
     coreml = args.format == "coreml"
-    options = ExportOptions(dtype=args.dtype or ("fp16" if coreml else "fp32"), attention=args.attention,
+    options = ExportOptions(dtype=args.dtype or ("fp16" if coreml else "fp32"),
+                            attention=args.attention or ("standard" if coreml else "fused"),
                             slices=args.slices, safety_checker=not args.no_safety_checker)
     manifest = export_model(args.src, args.out, options, force=args.force, config=args.config,
                             prediction_type=args.prediction_type,

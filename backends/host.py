@@ -102,3 +102,29 @@ def sysconf_total() -> int | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+_MALLOPT_DONE = False
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_memory() -> bool:
+    """Have glibc give every allocation of 1 MB or more its own mapping, returned to the system when
+    freed. By default glibc raises that threshold as large blocks are freed, up to 32 MB, so the many
+    8-32 MB tensors of a VAE decode end up in the heap, where freed ones stay resident: measured with
+    the SD 1.5 VAE decoder at 192x192 (no ONNX Runtime arena), 475 MB peak by default, 115 MB with the
+    threshold fixed (its graph's live tensors: 144 MB). Linux with glibc only; True when set."""
+    global _MALLOPT_DONE
+    if _MALLOPT_DONE:
+        return True
+    if platform.system() != "Linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _MALLOPT_DONE = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # musl and others: no mallopt, nothing to do
+        return False
+    return _MALLOPT_DONE

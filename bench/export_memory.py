@@ -21,13 +21,15 @@ from .sd15 import build_sd15
 
 
 def exported_sd15(dtype: str = "fp32") -> Path:
-    """Where the benchmarks keep edgediff's export of bench/sd15.py's model."""
-    return build_sd15().parent / f"{build_sd15().name}-onnx-{dtype}"
+    """Where the benchmarks keep edgediff's export of bench/sd15.py's model (default options but dtype)."""
+    from ..export.onnx_export import ExportOptions
+
+    return build_sd15().parent / f"{build_sd15().name}-onnx-{ExportOptions(dtype=dtype).key()}"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m edgediff.bench.export_memory", description=__doc__.splitlines()[0])
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "int8"))
     p.add_argument("--optimum-python", default=None, help="a Python with optimum-onnx installed")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)

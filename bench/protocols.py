@@ -55,7 +55,7 @@ PROTOCOLS = {
 # Export variants an edgediff row may ask for, beyond --dtype: name -> ExportOptions fields. A hook for
 # the int8 "fast" export, which will register itself here.
 VARIANTS: dict[str, dict] = {"default": {}}
-DTYPES = ("fp32", "fp16")
+DTYPES = ("fp32", "fp16", "int8")
 PEERS = ("diffusers", "optimum")
 
 

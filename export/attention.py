@@ -7,6 +7,11 @@ processors (installed with `set_attn_processor`, so the rest of diffusers' modul
   (B*heads, N, N) score matrix never exists whole; its peak is 1/slices of it. diffusers'
   `SlicedAttnProcessor` slices the batch*heads axis instead, which helps only while batch*heads > 1
   and leaves one head's N x N matrix (64 MB for SD's VAE at 512x512): slicing queries keeps shrinking.
+- fused: one `com.microsoft.MultiHeadAttention` node per layer (ONNX Runtime's contrib op), written
+  by the exporter directly rather than recovered afterwards by pattern-matching fusions (ONNX Runtime's
+  transformer optimizer, whose UNet attention fusion crashes under numpy 2). Its CPU kernel is a flash
+  attention: the (heads, N, N) scores are never held whole, and the CUDA and ROCm kernels are fused too.
+  ONNX Runtime only: Core ML exports use split-einsum.
 - split-einsum: Apple's layout for the Neural Engine (ml-stable-diffusion's SPLIT_EINSUM): tensors as
   (B, C, 1, S) and one einsum per head, which Core ML maps onto the ANE without large transposes.
 
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-VARIANTS = ("standard", "sliced", "split-einsum")
+VARIANTS = ("standard", "fused", "sliced", "split-einsum")
 DEFAULT_SLICES = 16  # at level 0 of a 512x512 UNet: 4096 queries in 16 parts of 256
 
 
@@ -94,6 +99,30 @@ class QuerySlicedAttnProcessor(_Core):
         return attn.batch_to_head_dim(out)
 
 
+class _MultiHeadAttention(torch.autograd.Function):
+    """softmax(Q K^T * scale) V over `heads` heads of (B, N, heads*d) tensors: computed by PyTorch when
+    run, exported as ONNX Runtime's MultiHeadAttention node."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, heads: int, scale: float):
+        b, n, inner = query.shape
+        d = inner // heads
+        q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (query, key, value))
+        probs = (torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale).softmax(dim=-1).to(v.dtype)
+        return torch.matmul(probs, v).transpose(1, 2).reshape(b, n, inner)
+
+    @staticmethod
+    def symbolic(g, query, key, value, heads: int, scale: float):
+        out = g.op("com.microsoft::MultiHeadAttention", query, key, value, num_heads_i=heads, scale_f=scale)
+        out.setType(query.type())
+        return out
+
+
+class FusedAttnProcessor(_Core):
+    def attend(self, attn, query, key, value):
+        return _MultiHeadAttention.apply(query, key, value, attn.heads, float(attn.scale))
+
+
 class SplitEinsumAttnProcessor(_Core):
     def attend(self, attn, query, key, value):
         b, n, inner = query.shape
@@ -128,6 +157,8 @@ def install(module: torch.nn.Module, variant: str, slices: int = DEFAULT_SLICES)
             sub.set_processor(AttnProcessor())
         elif variant == "split-einsum":
             sub.set_processor(SplitEinsumAttnProcessor())
+        elif variant == "fused":
+            sub.set_processor(FusedAttnProcessor())
         else:
             sub.set_processor(QuerySlicedAttnProcessor(slices_for_level(slices, _level(name, deepest))))
 

@@ -88,7 +88,9 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
                                source=source.describe())
         from .coreml_export import export_coreml
 
-        export_coreml(folder, out, attention=options.attention, force=force, name=name or default_name,
+        # "fused" is ONNX Runtime's own operator; for Core ML the default is the plain graph
+        attention = "standard" if options.attention == "fused" else options.attention
+        export_coreml(folder, out, attention=attention, force=force, name=name or default_name,
                       source=source.describe(), **coreml)
         return json.loads((out / MANIFEST).read_text())
 

@@ -245,3 +245,48 @@ def test_unknown_options_are_refused():
         ExportOptions(attention="flash")
     with pytest.raises(EdgediffError, match="power of two"):
         ExportOptions(attention="sliced", slices=3)
+
+
+def test_default_attention_is_one_fused_node_per_layer(exports, tiny):
+    """The default export writes ONNX Runtime's MultiHeadAttention, one per attention layer, and no
+    softmax of its own in the UNet; --attention standard keeps the plain graph, with the same outputs."""
+    fused = onnx.load(str(tiny("sd1")[1] / "unet" / "model.onnx"))
+    ops = [n.op_type for n in fused.graph.node]
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+
+    unet = UNet2DConditionModel.from_pretrained(tiny("sd1")[0] / "unet")
+    layers = sum(isinstance(m, Attention) for m in unet.modules())
+    assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops
+    standard = exports("sd1", ExportOptions(attention="standard"))
+    plain = [n.op_type for n in onnx.load(str(standard / "unet" / "model.onnx")).graph.node]
+    assert "MultiHeadAttention" not in plain and plain.count("Softmax") == layers
+    args = dict(prompt="a red circle", num_inference_steps=4, seed=3)
+    a = Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu")(**args).images[0]
+    b = Pipeline.from_pretrained(standard, backend="cpu")(**args).images[0]
+    assert psnr(np.asarray(a), np.asarray(b)) >= 45.0
+
+
+def test_int8_export_quantizes_the_unet_only(tmp_path):
+    """--dtype int8: the UNet's convolutions and matmuls get int8 weights, calibrated on generations; the
+    rest stays fp32; the UNet passes its gate against the fp32 graph; the picture stays close."""
+    from edgediff.builtin import MODEL_DIR
+
+    out = tmp_path / "int8"
+    export_onnx(MODEL_DIR, out, ExportOptions(dtype="int8"), profile_memory=False)
+    m = manifest(out)
+    unet = m["components"]["unet"]
+    assert m["dtype"] == "int8" and unet["dtype"] == "int8" and unet["psnr"] >= ox.MIN_PSNR["int8"]
+    assert unet["extra"]["calibration"]["calls"] > 0
+    assert all(c["dtype"] == "fp32" for name, c in m["components"].items() if name != "unet")
+    graph = onnx.load(str(out / "unet" / "model.onnx"))
+    int8_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    assert len(int8_weights) >= len(convs) - 1  # every conv kernel (conv_in may be left fp32)
+    assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
+    fp32 = tmp_path / "fp32"
+    export_onnx(MODEL_DIR, fp32, profile_memory=False)
+    args = dict(prompt="a red circle on a blue square", num_inference_steps=12, seed=3)
+    a = Pipeline.from_pretrained(out, backend="cpu")(**args).images[0]
+    b = Pipeline.from_pretrained(fp32, backend="cpu")(**args).images[0]
+    assert psnr(np.asarray(a), np.asarray(b)) >= 25.0

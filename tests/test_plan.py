@@ -180,12 +180,16 @@ def test_cpu_generates_under_a_budget_that_forces_the_lowest_plan(builtin_onnx):
     model = read_model_folder(out)
     facts = component_facts(model)
     ladder = {r[0]: _plan(model, facts, request, pipe.device, 10 ** 12, *r).predicted_peak for r in RUNGS}
-    assert ladder["lowest"] < min(v for k, v in ladder.items() if k != "lowest")
-    budget = (ladder["lowest"] + min(v for k, v in ladder.items() if k != "lowest")) // 2
+    leanest = min(ladder.values())
+    # with fused attention (the default export) the lowest rung needs no sliced export and equals
+    # streamed-lean; with any other export it is strictly leaner
+    assert ladder["lowest"] == leanest < ladder["streamed"]
+    budget = (leanest + min(v for v in ladder.values() if v > leanest)) // 2
     run = cli("generate", "a red circle", "--model", str(out), "--width", "512", "--height", "512", "--steps", "1",
               "--seed", "1", "--backend", "cpu", "--budget", str(budget), "--out", str(out.parent / "p.png"))
     assert run.returncode == 0, run.stderr
-    assert "lowest plan on cpu" in run.stdout
+    first_leanest = next(k for k, v in ladder.items() if v == leanest)
+    assert f"{first_leanest} plan on cpu" in run.stdout
     measured = float(re.search(r"measured ([\d.]+) GB", run.stdout).group(1)) * GiB
     assert measured < budget, run.stdout
 
@@ -352,18 +356,19 @@ def test_pipeline_decodes_in_split_tiles_when_planned(builtin_onnx, monkeypatch)
 
 
 def test_sd15_lean_plans_use_the_split_decoder():
-    """On SD 1.5's measured facts the tiled rungs take the split decoder, and it predicts less than
-    decoding whole; folders without it fall back to blended tiles."""
+    """On SD 1.5's measured facts the tiled rungs take the split decoder where it predicts less than
+    decoding whole (1024x1024), and folders without it fall back to blended tiles."""
     device = MACHINES["cpu-8gb"][0]
     model, facts = sd15()
-    lean = _plan(model, facts, Request(512, 512), device, 10 ** 12, *RUNGS[-2])
-    whole = _plan(model, facts, Request(512, 512), device, 10 ** 12, *RUNGS[2])
+    request = Request(1024, 1024)
+    lean = _plan(model, facts, request, device, 10 ** 12, *RUNGS[-2])
+    whole = _plan(model, facts, request, device, 10 ** 12, *RUNGS[2])
     assert lean.vae_tile == 192 and lean.vae_margin == 12 * 4
     decode = {p.rung: next(s.peak for s in p.stages if s.name == "vae_decoder") for p in (lean, whole)}
-    assert decode[lean.rung] < 0.7 * decode[whole.rung]  # with the weights and the fixed overhead
+    assert decode[lean.rung] < 0.5 * decode[whole.rung]
     assert "GroupNorm statistics" in lean.summary()
     older = {k: v for k, v in facts.items() if not k.startswith("vae_decoder_")}
-    blended = _plan(model, older, Request(512, 512), device, 10 ** 12, *RUNGS[-2])
+    blended = _plan(model, older, request, device, 10 ** 12, *RUNGS[-2])
     assert blended.vae_tile == 256 and blended.vae_margin == 0 and blended.vae_overlap == 64
 
 
