@@ -3,7 +3,7 @@
     python -m edgediff.bench.flops MODEL_FOLDER --width 512 --height 512 [--batch 1] [--no-cfg]
 
 The UNet's inputs are fixed to the protocol's shapes, ONNX Runtime's symbolic shape inference gives every
-tensor's shape, and each Conv, ConvTranspose, MatMul, Gemm and Einsum is counted as multiply-accumulates
+tensor's shape, and each Conv, ConvTranspose, MatMul, Gemm, Einsum and (ONNX Runtime's) MultiHeadAttention is counted as multiply-accumulates
 x 2. Nothing else is counted (bias adds, normalisation, softmax, activations: a few percent of SD's UNet),
 so the figure is the work the matrix units must do, and achieved FLOP/s = this / measured time is a
 slight underestimate of the work done. Only the graph's structure is read: weights stay on disk.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..engine.errors import EdgediffError
 
-COUNTED = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum")
+COUNTED = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "MultiHeadAttention")
 TEXT_TOKENS = 77  # CLIP's context length: the UNet's encoder_hidden_states are (N, 77, D)
 
 
@@ -110,6 +110,9 @@ def _macs(node, shapes: dict) -> int:
         a = shape(0)
         trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
         return prod(out) * (a[0] if trans_a else a[1])
+    if node.op_type == "MultiHeadAttention":  # ONNX Runtime's fused attention: Q K^T, then (scores) V
+        q, k = shape(0), shape(1)  # (B, S, D), (B, L, D): D = heads x head size
+        return 2 * q[0] * q[1] * k[1] * q[2]
     if node.op_type == "Einsum":  # a binary contraction: one MAC per combination of every index
         equation = next(attr.s.decode() for attr in node.attribute if attr.name == "equation")
         terms = re.split(r",", equation.split("->")[0].replace(" ", ""))
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     flops = unet_flops(args.model / "unet" / "model.onnx", args.width, args.height, args.batch, not args.no_cfg)
     print(f"UNet, {args.width}x{args.height}, batch {args.batch}{'' if args.no_cfg else ' with CFG'}: "
-          f"{flops / 1e9:.1f} GFLOP per denoising step (Conv, MatMul, Gemm, Einsum MACs x 2)")
+          f"{flops / 1e9:.1f} GFLOP per denoising step (Conv, MatMul, Gemm, Einsum, MultiHeadAttention MACs x 2)")
 
 
 if __name__ == "__main__":

@@ -151,14 +151,17 @@ class Pipeline:
 
     @contextmanager
     def _using(self, spec: ComponentSpec):
-        """A component's session for one stage; a streamed component is freed when the stage ends."""
-        session = self._session(spec)
+        """A component's session for one stage; a streamed component is freed when the stage ends, even
+        though the caller's `as` name outlives the `with` (it holds a lease, emptied here). Measured
+        before the lease: SD 1.5's fp32 UNet stayed resident through the VAE stage of a streamed plan,
+        4.53 GB where 3.92 GB was planned."""
+        lease = _Lease(self._session(spec))
         try:
-            yield session
+            yield lease
         finally:
             if self.plan is not None and spec.name not in self.plan.resident:
                 self._sessions.pop(spec.name, None)
-                del session
+                lease.session = None
                 gc.collect()
 
     def describe(self) -> str:
@@ -407,6 +410,18 @@ class Pipeline:
         else:  # optimum's older exports sample inside the graph
             sample = np.repeat(next(iter(outputs.values())), len(seeds), axis=0)
         return (sample * np.float32(self.model.scaling_factor)).astype(np.float32)
+
+
+class _Lease:
+    """A session lent for one stage (Pipeline._using): attribute access goes to the session."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def __getattr__(self, name):
+        if self.session is None:
+            raise RuntimeError("this component's session was freed when its stage ended")
+        return getattr(self.session, name)
 
 
 def _negatives(negative_prompt, n: int) -> list[str]:

@@ -203,3 +203,24 @@ def test_cpu_peak_is_an_estimate_from_flags_and_clock(tmp_path):
                     sysfs=tmp_path)
     assert (avx2["isa"], avx2["flops_per_s"], avx2["clock_source"]) == ("fma", 4 * 3.0e9 * 32, "/proc/cpuinfo cpu MHz")
     assert cpu_peak("", 2, sysfs=tmp_path)["flops_per_s"] is None  # unknown, not guessed
+
+
+def test_fused_attention_flops_are_counted(tmp_path):
+    """ONNX Runtime's MultiHeadAttention (the default export's attention): Q K^T and the weighted sum of
+    V, B x S x L x D multiply-accumulates each."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgediff.bench.flops import graph_flops
+
+    graph = helper.make_graph(
+        [helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["out"], domain="com.microsoft", num_heads=4)],
+        "g", [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["b", "s", 64]),
+              helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", 77, 64]),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, ["b", 77, 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    path = tmp_path / "a.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), str(path))
+    b, s = 2, 256
+    assert graph_flops(path, {"q": {0: b, 1: s}, "k": {0: b}, "v": {0: b}}) == 2 * (2 * b * s * 77 * 64)
