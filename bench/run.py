@@ -302,7 +302,7 @@ def render(report: dict) -> str:
     flops = report["unet_flops_per_step"]
     if flops:
         peak = report["machine"]["cpu_peak"]
-        lines.append(f"UNet: {flops / 1e9:.1f} GFLOP per step (Conv/MatMul/Gemm MACs x 2, counted from the graph); "
+        lines.append(f"UNet: {flops / 1e9:.1f} GFLOP per step (Conv/MatMul/Gemm/attention MACs x 2, counted from the graph; int8 rows: fraction of the fp32 peak); "
                      + _peak_line(peak))
     for row in report["rows"]:
         if row.get("plan"):

@@ -133,3 +133,35 @@ def test_text_embeddings_are_sent_to_the_unet_once_per_generation(tiny):
     again = pipe("a red circle", num_inference_steps=3, seed=2, scheduler="euler")
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
     assert not np.array_equal(np.asarray(second.images[0]), np.asarray(first.images[0]))
+
+
+def test_a_streamed_plan_frees_the_unet_before_the_vae_runs(tiny, monkeypatch):
+    """Streaming is only worth its load times if a stage's session is gone when the next stage runs,
+    even though the pipeline's code still names it."""
+    import gc
+    import weakref
+    from dataclasses import replace
+
+    from edgediff.engine.plan import Request
+
+    p = Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu")
+    plan = replace(p.make_plan(Request(64, 64)), resident=(), streamed=("text_encoder", "unet", "vae_decoder"))
+    monkeypatch.setattr(p, "make_plan", lambda request: plan)
+    opened, open_session = {}, p._session
+
+    def spy(spec):
+        session = open_session(spec)
+        opened[spec.name] = weakref.ref(session)
+        return session
+
+    unet_alive, decode = [], p._decode
+
+    def check(*args, **kwargs):
+        gc.collect()
+        unet_alive.append(opened["unet"]() is not None)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(p, "_session", spy)
+    monkeypatch.setattr(p, "_decode", check)
+    p("a red circle", num_inference_steps=2, seed=1)
+    assert unet_alive == [False]
