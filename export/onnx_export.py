@@ -370,8 +370,7 @@ def _quantize(tmp: Path, report: ComponentReport, native: int) -> None:
 
     start = time.perf_counter()
     size = max(64, native // 2 // 64 * 64)
-    calls = quantize.calibration_inputs(tmp, size)
-    held_out = quantize.calibration_inputs(tmp, size, prompts=("a bowl of fruit on a wooden table",), steps=2)[-1]
+    calls, held_out = quantize.calibration_inputs(tmp, size)
     folder = tmp / UNET.name
     fp32 = folder / "fp32"
     fp32.mkdir()

@@ -51,8 +51,13 @@ class _Recording:
         return self.session.run(**inputs)
 
 
-def calibration_inputs(folder: Path, size: int, prompts=CALIBRATION_PROMPTS, steps: int = CALIBRATION_STEPS) -> list[dict]:
-    """The UNet's inputs during generations with the fp32 export in `folder`."""
+HELD_OUT_PROMPT, HELD_OUT_STEPS = "a bowl of fruit on a wooden table", 2
+
+
+def calibration_inputs(folder: Path, size: int, prompts=CALIBRATION_PROMPTS,
+                       steps: int = CALIBRATION_STEPS) -> tuple[list[dict], dict]:
+    """The UNet's inputs during generations with the fp32 export in `folder`, and the last UNet call
+    of a short generation of HELD_OUT_PROMPT, kept apart for the gate: calibration never sees it."""
     from ..engine.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(folder, backend="cpu", safety_checker=False)
@@ -60,7 +65,10 @@ def calibration_inputs(folder: Path, size: int, prompts=CALIBRATION_PROMPTS, ste
     pipe._sessions[UNET.name] = recording
     for k, prompt in enumerate(prompts):
         pipe(prompt, width=size, height=size, num_inference_steps=steps, seed=k, scheduler="euler")
-    return recording.calls
+    calls = recording.calls
+    recording.calls = []
+    pipe(HELD_OUT_PROMPT, width=size, height=size, num_inference_steps=HELD_OUT_STEPS, seed=0, scheduler="euler")
+    return calls, recording.calls[-1]
 
 
 def quantize_unet(fp32: Path, out: Path, calls: list[dict]) -> None:
