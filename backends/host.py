@@ -104,6 +104,18 @@ def sysconf_total() -> int | None:
         return None
 
 
+def peak_rss(pid: int | str = "self") -> int | None:
+    """A process's peak resident memory (VmHWM, bytes) on Linux, else None: since its start or the last
+    reset (writing 5 to /proc/PID/clear_refs)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 _MALLOPT_DONE = False
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD_BYTES = 1 << 20

@@ -155,16 +155,12 @@ def run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m edgediff.bench.compare ...` is `edgediff bench compare ...`."""
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m edgediff.bench.compare", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    try:
-        run(p.parse_args(argv))
-    except EdgediffError as e:
-        print(f"edgediff: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from ..cli import main as cli_main
+
+    return cli_main(["bench", "compare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ upper-bound guess, good for "the UNet reached about a third of what the silicon 
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import re
@@ -76,14 +75,9 @@ def cpu_name(cpuinfo: str) -> str:
 
 
 def package_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["python"] = sys.version.split()[0]
-    return versions
+    from .peers import versions
+
+    return {**versions(PACKAGES), "python": sys.version.split()[0]}
 
 
 def cpu_peak(cpuinfo: str, cores: int, sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cpufreq")) -> dict:

@@ -11,11 +11,12 @@ Where /proc is missing (macOS), ru_maxrss is the figure, with that caveat.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
+
+from ..backends.host import peak_rss
 
 POLL_SECONDS = 0.005
 
@@ -32,15 +33,6 @@ class Measured:
         return self.peak_rss_bytes / 2**30
 
 
-def _high_water(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(m.group(1)) * 1024 if m else None
-
-
 def run_measured(cmd: list[str], env: dict | None = None, cwd=None) -> Measured:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True)
@@ -48,7 +40,7 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd=None) -> Measured:
 
     def sample():  # VmHWM only grows: the last reading before exit is the peak, give or take the last few ms
         while not done.is_set():
-            hwm = _high_water(proc.pid)
+            hwm = peak_rss(proc.pid)
             if hwm is not None:
                 peak[0] = max(peak[0], hwm)
             time.sleep(POLL_SECONDS)

@@ -80,7 +80,7 @@ def optimum_model(diffusers_folder: str | None, source_sha256: str | None, given
 
     print(f"optimum: exporting {diffusers_folder} with optimum-cli into {out} (once)", file=sys.stderr)
     with atomic_folder(out) as tmp:
-        src = _hub_layout(Path(diffusers_folder), tmp / "source")
+        src = hub_layout(Path(diffusers_folder), tmp / "source")
         cli = [str(python.parent / "optimum-cli"), "export", "onnx", "--model", str(src),
                "--task", "text-to-image", str(tmp / "onnx")]
         done = subprocess.run(cli, capture_output=True, text=True, env=subprocess_env())
@@ -96,7 +96,7 @@ def optimum_model(diffusers_folder: str | None, source_sha256: str | None, given
     return out
 
 
-def _hub_layout(src: Path, dst: Path) -> Path:
+def hub_layout(src: Path, dst: Path) -> Path:
     """The source with its tokenizer and text encoder as transformers 4 (optimum's venv) reads them:
     vocab.json and merges.txt beside tokenizer.json, and the text encoder's weights under `text_model.`
     (transformers 5 writes neither; tests/test_optimum_interop.py explains). The other parts are linked."""
@@ -132,7 +132,7 @@ def run_edgediff(spec: dict) -> dict:
     from edgediff import Pipeline
 
     options = spec["options"]
-    report: dict = {"versions": _versions(("edgediff", "onnxruntime", "numpy"))}
+    report: dict = {"versions": versions(("edgediff", "onnxruntime", "numpy"))}
     peak = _ProcessPeak()
     budget = options.get("budget")
     if options.get("plan"):
@@ -246,7 +246,7 @@ def _run_peer(pipe, spec: dict, report: dict, start: float, runner: str, device:
     images = np.asarray(out.images, dtype=np.float32)  # (B, H, W, 3) in [0, 1]
     _save(spec, (images * 255).round().astype(np.uint8))  # as diffusers' numpy_to_pil rounds
     report.update(timings=timings, backend="cpu", device=device, peak_device_bytes=None,
-                  versions=_versions(PEER_PACKAGES[runner]))
+                  versions=versions(PEER_PACKAGES[runner]))
     return report
 
 
@@ -304,7 +304,7 @@ def _save(spec: dict, images) -> None:
     Image.fromarray(images[0]).save(out / "image.png")
 
 
-def _versions(packages) -> dict:
+def versions(packages) -> dict:
     import importlib.metadata
 
     found = {}

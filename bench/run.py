@@ -344,16 +344,10 @@ def _peak_line(peak: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgediff.bench.run", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    p.set_defaults(run=run)
-    args = p.parse_args(argv)
-    try:
-        args.run(args)
-    except EdgediffError as e:
-        print(f"edgediff: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`python -m edgediff.bench.run ...` is `edgediff bench ...` (its errors, logging and exit codes)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

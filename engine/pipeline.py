@@ -505,10 +505,6 @@ def _reset_peak_memory() -> None:
 
 def _peak_memory() -> int | None:
     """The process's peak resident memory since the last reset, in bytes (Linux), else None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    from ..backends.host import peak_rss
+
+    return peak_rss()

@@ -15,6 +15,7 @@ from PIL import Image
 
 from edgediff.bench.machine import cpu_peak
 from edgediff.cli import main
+from test_cli import one_line_error, run
 
 STAGES = {"text_encoder", "unet", "unet_per_step", "vae_decoder", "safety_checker"}
 TOP = {"schema", "created", "against", "repeat", "protocol", "machine", "model", "unet_flops_per_step",
@@ -22,21 +23,6 @@ TOP = {"schema", "created", "against", "repeat", "protocol", "machine", "model",
 ROW = {"name", "runner", "status", "note", "options", "backend", "device", "plan", "load_s", "first_run_s",
        "total_s", "steps_per_s", "stages", "peak_rss_bytes", "generation_peak_bytes", "peak_device_bytes",
        "unet_flops_per_s", "unet_peak_fraction", "psnr_db", "psnr_note", "image", "runs"}
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *words):
-    lines = [line for line in err.splitlines() if line.startswith("edgediff: error:")]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

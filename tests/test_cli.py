@@ -19,7 +19,7 @@ def run(capsys, *argv):
 
 def one_line_error(code, err, *words):
     lines = [line for line in err.splitlines() if line.startswith("edgediff: error:")]
-    assert code == 2
+    assert code == 2, err
     assert len(lines) == 1, err
     assert "Traceback" not in err
     for w in words:

@@ -11,7 +11,7 @@ only when that venv cannot be built because the package index is unreachable; an
 
 The tiny diffusers folders are written by the dev venv's transformers 5, and two things in them do
 not read in transformers 4.57 the way hub checkpoints (written by transformers 4) do, so B gives
-optimum-cli a converted copy (`_hub_layout`):
+optimum-cli a converted copy (`edgediff.bench.peers.hub_layout`):
 - tokenizer/ has only tokenizer.json; transformers 4's CLIPTokenizer, the class model_index.json names,
   needs vocab.json and merges.txt (every SD repository on the hub has them). edgediff's export writes
   them (engine/clip_vocab.add_vocab_files), so A uses edgediff's folder exactly as exported.
@@ -22,12 +22,13 @@ optimum-cli a converted copy (`_hub_layout`):
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from edgediff.bench.peers import hub_layout
 
 import optimum_env
 from edgediff import Pipeline
@@ -70,26 +71,6 @@ def run_optimum(args: list[str], what: str) -> subprocess.CompletedProcess:
 
 def _tail(text: str, lines: int) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _hub_layout(src: Path, dst: Path) -> Path:
-    """A copy of a model folder with the tokenizer and text-encoder files as transformers 4 writes them
-    (see the module's docstring)."""
-    shutil.copytree(src, dst)
-    tok = dst / "tokenizer"
-    if (tok / "tokenizer.json").is_file() and not (tok / "vocab.json").is_file():
-        bpe = json.loads((tok / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-        (tok / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
-        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
-        (tok / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    weights_file = dst / "text_encoder" / "model.safetensors"
-    if weights_file.is_file():
-        from safetensors.numpy import load_file, save_file
-
-        weights = load_file(weights_file)
-        if not any(k.startswith("text_model.") for k in weights):
-            save_file({f"text_model.{k}": v for k, v in weights.items()}, weights_file, metadata={"format": "pt"})
-    return dst
 
 
 def _latents() -> np.ndarray:
@@ -141,7 +122,7 @@ def test_edgediff_export_loads_in_optimum_unchanged(optimum_python, tiny):
 def optimum_export(optimum_python, tiny, tmp_path_factory) -> Path:
     """The tiny SD 1.x model exported by `optimum-cli export onnx`."""
     root = tmp_path_factory.mktemp("optimum-export")
-    src = _hub_layout(tiny("sd1")[0], root / "diffusers")
+    src = hub_layout(tiny("sd1")[0], root / "diffusers")
     out = root / "onnx"
     cli = optimum_python.parent / "optimum-cli"
     # a local folder needs --task: optimum cannot infer it from one ("Cannot infer the task from a local
