@@ -70,7 +70,7 @@ class SafetyChecker(torch.nn.Module):
 # -- the VAE decoder in two parts, for a tiled decode with shared GroupNorm statistics ----------------
 #
 # Tiling a VAE decode naively gives each tile GroupNorm statistics of its own, and the tiles disagree
-# in colour and contrast (21-29 dB against the whole decode on our test VAEs, where seams show). The
+# in colour and contrast (12-29 dB against the whole decode on our test VAEs, where seams show). The
 # decoder is split where its memory starts to grow: the head (post_quant_conv, conv_in, the mid block
 # with its image-wide attention, the first up block) works at latent resolution and runs whole; the tail
 # (the remaining up blocks) holds the large activations and runs in tiles. Every GroupNorm of the tail
