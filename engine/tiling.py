@@ -12,7 +12,7 @@ about 1.5 GB at its peak); in tiles they grow with the tile. Two ways, best firs
   by this same procedure one level down, its tiles' statistics merged. Measured on the built-in VAE at
   512x512: 42-52 dB against the whole decode, where blended tiles give 12-14 dB (tests/test_plan.py);
   on SD 1.5's VAE with random weights 24 dB (blended: 20), the half-size statistics being the error
-  there: given the whole image's, the tiles are exact (python -m edgediff.bench.tiled_vae, 91 dB).
+  there (python -m edgediff.bench.tiled_vae): given the whole image's, its tiles measured 91 dB.
 - `tiled`: overlapping tiles of any decoder or encoder, blended with linear ramps where they meet, so
   the seams fade out instead of showing as steps. For folders without the split decoder (optimum's, older
   exports) and for the encoder, whose output is a latent and forgives more.
