@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from ..engine.components import ComponentSpec
-from ..engine.errors import EdgediffError
+from ..engine.errors import EdgediffError, first_line  # noqa: F401 (backends import it from here)
 
 log = logging.getLogger("edgediff")
 
@@ -261,11 +261,6 @@ def session_options():
 
 def provider_names(providers: list) -> list[str]:
     return [p[0] if isinstance(p, tuple) else p for p in providers]
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def cache_root() -> Path:

@@ -8,6 +8,7 @@ problem is reported as one line that names the file and what to do.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,30 +63,77 @@ def read_model_folder(path: str | Path) -> ModelInfo:
         if not (path / required).exists():
             raise EdgediffError(f"model folder {path} has no {required}; export the model again")
 
-    unet = _config(path / "unet" / "config.json")
-    vae = _config(path / "vae_decoder" / "config.json")
-    scheduler_raw = _config(path / "scheduler" / "scheduler_config.json", required=True)
+    unet_file, vae_file = path / "unet" / "config.json", path / "vae_decoder" / "config.json"
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    unet, vae = _config(unet_file), _config(vae_file)
+    scheduler_raw = _config(scheduler_file, required=True)
     sample_size = unet.get("sample_size", DEFAULT_SAMPLE_SIZE)
-    if isinstance(sample_size, (list, tuple)):
+    if isinstance(sample_size, (list, tuple)) and sample_size:
         sample_size = sample_size[0]
-    blocks = vae.get("block_out_channels")
+    blocks = vae.get("block_out_channels") or [0] * 4  # SD's four blocks: 8 pixels per latent
+    if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
+        raise EdgediffError(f"{vae_file}: block_out_channels is {blocks!r}, not a list of the VAE's block widths; "
+                            "export the model again")
     manifest = _config(path / "edgediff.json")
+    _check_manifest(path / "edgediff.json", manifest)
     name = manifest.get("name") or path.resolve().name
     try:
         scheduler_config = SchedulerConfig.from_dict(scheduler_raw)
-    except TypeError as e:
-        raise EdgediffError(f"{path}/scheduler/scheduler_config.json has an unexpected value: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise EdgediffError(f"{scheduler_file}: {e}; fix the file or export the model again") from None
     return ModelInfo(
         path=path,
         name=str(name),
-        unet_in_channels=int(unet.get("in_channels", LATENT_CHANNELS)),
-        sample_size=int(sample_size),
-        vae_scale_factor=2 ** (len(blocks) - 1) if blocks else 8,
-        scaling_factor=float(vae.get("scaling_factor", VAE_SCALING_FACTOR)),
+        unet_in_channels=_number(unet_file, "in_channels", unet.get("in_channels", LATENT_CHANNELS), (4, 9)),
+        sample_size=_number(unet_file, "sample_size", sample_size, range(1, 1025)),
+        vae_scale_factor=2 ** (len(blocks) - 1),
+        scaling_factor=_number(vae_file, "scaling_factor", vae.get("scaling_factor", VAE_SCALING_FACTOR), None),
         scheduler_config=scheduler_config,
         scheduler_class=str(scheduler_raw.get("_class_name", "")),
         export_manifest=manifest,
     )
+
+
+def _number(file: Path, key: str, value, allowed):
+    """A config's number, checked: whole numbers from `allowed` (a collection), or a positive finite real
+    number when `allowed` is None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if allowed is None:
+        ok = ok and value > 0
+    else:
+        ok = ok and float(value).is_integer() and int(value) in allowed
+    if not ok:
+        expected = "a positive number" if allowed is None else (
+            f"{' or '.join(map(str, allowed))}" if len(allowed) < 5 else f"a whole number from {allowed[0]} to {allowed[-1]}")
+        raise EdgediffError(f"{file}: {key} is {value!r}, but it must be {expected}; export the model again")
+    return float(value) if allowed is None else int(value)
+
+
+def _check_manifest(file: Path, manifest: dict) -> None:
+    """edgediff.json's shape, as far as anything reads it: a damaged or hand-edited manifest fails here,
+    naming the field, rather than as a KeyError mid-generation."""
+    components = manifest.get("components", {})
+    if isinstance(components, list) and all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in components):
+        components = manifest["components"] = {c["name"]: c for c in components}  # version 1 listed them
+    if not isinstance(components, dict) or not all(isinstance(c, dict) for c in components.values()):
+        raise EdgediffError(f"{file}: 'components' must map each component's name to its record; "
+                            "export the model again")
+    for key in ("name", "dtype", "attention"):
+        if key in manifest and not isinstance(manifest[key], str):
+            raise EdgediffError(f"{file}: '{key}' must be a string, not {manifest[key]!r}; export the model again")
+    for component, record in components.items():
+        for key, kind in (("dtype", str), ("extra", dict), ("activations", dict), ("bytes", int)):
+            if key in record and not isinstance(record[key], kind):
+                raise EdgediffError(f"{file}: components.{component}.{key} is {record[key]!r}, not a "
+                                    f"{kind.__name__}; export the model again")
+        fit = record.get("activations", {}).get("fit")
+        if fit is not None and not (isinstance(fit, list) and len(fit) == 3 and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in fit)):
+            raise EdgediffError(f"{file}: components.{component}.activations.fit is {fit!r}, not three numbers; "
+                                "export the model again")
+    if "source" in manifest and not isinstance(manifest["source"], dict):
+        raise EdgediffError(f"{file}: 'source' must be a record of where the model came from; "
+                            "export the model again")
 
 
 def _config(path: Path, required: bool = False) -> dict:

@@ -10,8 +10,11 @@ latents the images match diffusers' to over 40 dB PSNR (tests/test_parity.py). N
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
+import os
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -21,15 +24,16 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from . import arguments as arg
 from . import noise as rnd
 from .plan import Plan, Request, make_plan, parse_budget
 from .tiling import shared_stats_decode, tiled
 from .components import (COMPONENTS, FP32_FALLBACK, HIDDEN_SCALE, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER,
                          VAE_DECODER_HEAD, VAE_DECODER_TAIL, VAE_ENCODER, ComponentSpec)
-from .errors import EdgediffError
+from .errors import EdgediffError, EdgediffTypeError
 from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
 from .model_folder import LATENT_CHANNELS, ModelInfo, read_model_folder
-from .schedulers import Scheduler, get_scheduler
+from .schedulers import Schedule, Scheduler, get_scheduler
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger("edgediff")
@@ -61,7 +65,26 @@ class GenerationResult:
     fp32_reruns: list[str] = field(default_factory=list)
 
 
+def _one_call_at_a_time(method):
+    """Calls on one Pipeline run one after another, each under the pipeline's lock.
+
+    A call changes the pipeline as it goes: it plans (`self.plan`), opens and frees sessions for a
+    streamed plan, and binds the text embeddings to the UNet's session (IO binding), and none of that
+    may interleave with another call's. Two threads on one Pipeline, unserialised, got the wrong picture
+    and then a segmentation fault (issue 11). The device has one memory budget to share anyway: two
+    generations at once would need two plans' worth of it."""
+
+    @functools.wraps(method)
+    def serialised(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return serialised
+
+
 class Pipeline:
+    """A model on a backend, ready to generate. Thread-safe: calls from several threads run one at a time
+    (each waits for the pipeline's lock) and each gets the pictures it would get alone."""
+
     def __init__(self, model: ModelInfo, backend, device, tokenizer: ClipTokenizer, safety_checker: bool = True,
                  memory_budget: str | int | None = None):
         self.model = model
@@ -74,6 +97,7 @@ class Pipeline:
         self.plan: Plan | None = None  # the last plan made
         self.moved: dict[str, str] = {}  # component -> backend that took it when ours could not open it
         self._sessions: dict[str, object] = {}
+        self._lock = threading.RLock()  # see _one_call_at_a_time
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "auto", safety_checker: bool = True,
@@ -84,6 +108,9 @@ class Pipeline:
         every generation's predicted peak (default 7 GB, never more than the device has free)."""
         from ..backends import select
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise EdgediffTypeError(f"from_pretrained needs a model: an exported folder, a diffusers folder, a "
+                                    f".safetensors file, a hub id or 'builtin', not {type(path).__name__}")
         folder = Path(path)
         if not ((folder / "edgediff.json").is_file() or any((folder / c.onnx_path).is_file() for c in COMPONENTS)):
             from ..export.sources import ensure_exported  # imports torch only if it has to export
@@ -175,6 +202,7 @@ class Pipeline:
             name = "dpmpp_2m_karras"
         return name
 
+    @_one_call_at_a_time
     def __call__(
         self,
         prompt: str | list[str],
@@ -197,10 +225,15 @@ class Pipeline:
         model = self.model
 
         # 1. Check inputs and settle sizes, seeds and the schedule.
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = arg.texts("prompt", prompt)
         negatives = _negatives(negative_prompt, len(prompts))
+        if scheduler is not None and not isinstance(scheduler, str):
+            raise EdgediffTypeError(f"scheduler must be a scheduler's name, not {type(scheduler).__name__}")
         scheduler_name = scheduler or self.default_scheduler()
         sched: Scheduler = get_scheduler(scheduler_name, model.scheduler_config)
+        if callback is not None and not callable(callback):
+            raise EdgediffTypeError(f"callback must be a function (step, total, latents), not "
+                                    f"{type(callback).__name__}")
         if mask_image is not None and image is None:
             raise EdgediffError("a mask needs an init image to inpaint (pass image= / --init-image)")
         init_image = open_image(image, "init image") if image is not None else None
@@ -210,7 +243,11 @@ class Pipeline:
             log.warning("the mask is %dx%d but the image is %dx%d: resized the mask to the image",
                         *mask.size, *init_image.size)
             mask = mask.resize(init_image.size, Image.Resampling.LANCZOS)
-        _check(num_inference_steps, strength, num_images_per_prompt, guidance_scale)
+        num_inference_steps = arg.whole("num_inference_steps", num_inference_steps, 1, sched.num_train_timesteps,
+                                        f" (the model was trained with {sched.num_train_timesteps} timesteps)")
+        strength = arg.real("strength", strength, 0.0, 1.0)
+        num_images_per_prompt = arg.whole("num_images_per_prompt", num_images_per_prompt, 1)
+        guidance_scale = arg.real("guidance_scale", guidance_scale, 0.0)
         if init_image is not None and int(num_inference_steps * strength) < 1:  # diffusers' rule
             raise EdgediffError(f"strength {strength:g} with {num_inference_steps} steps leaves no step to run; "
                                 "raise --strength or --steps")
@@ -220,15 +257,8 @@ class Pipeline:
         seeds = _seeds(seed, batch)
         latent_shape = (LATENT_CHANNELS, height // model.vae_scale_factor, width // model.vae_scale_factor)
         if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != (batch, *latent_shape):
-                raise EdgediffError(f"latents have shape {latents.shape}; this request needs "
-                                    f"{(batch, *latent_shape)} (batch, {LATENT_CHANNELS}, height/8, width/8)")
-        try:
-            schedule, start = (sched.partial_schedule(num_inference_steps, strength) if init_image is not None
-                               else (sched.schedule(num_inference_steps), 0))
-        except ValueError as e:  # e.g. more LCM steps than its distillation schedule has
-            raise EdgediffError(str(e)) from None
+            latents = _latents(latents, (batch, *latent_shape))
+        schedule, start = _schedule(sched, num_inference_steps, strength if init_image is not None else None)
         cfg = guidance_scale > 1.0  # diffusers: guidance 1 or less means the conditional pass alone
 
         # 2. The memory plan for this request, before anything is loaded; a leaner plan than the last
@@ -306,6 +336,10 @@ class Pipeline:
                     log.info("generation cancelled by the callback after step %d of %d", n + 1, len(steps))
                     return GenerationResult([], seeds, [], timings, cancelled=True)
         bar.close()
+        if not np.isfinite(x).all():  # before the decoder, which would be blamed for it
+            raise EdgediffError(f"the denoised latents hold inf/NaN (guidance_scale {guidance_scale:g}; usual values "
+                                "are 1 to 20): lower the guidance, and if that does not help, the UNet's "
+                                f"{model.export_manifest.get('dtype', '')} weights overflow: export with --dtype fp32")
 
         # 6. Decode, one image at a time (the VAE decoder's activations are the largest of the run),
         # whole or in the plan's tiles; an fp16 decoder that overflows is re-run from its fp32 artifact.
@@ -338,6 +372,12 @@ class Pipeline:
             return image
         # The black-image bug: fp16 overflow. An fp16 export keeps its decoder's fp32 graphs beside it.
         fp32 = [self.model.path / spec.name / FP32_FALLBACK for spec in specs]
+        if self.model.export_manifest.get("components", {}).get(specs[0].name, {}).get("dtype") == "fp32":
+            # Not an fp16 overflow: an fp32 decoder gives inf/NaN only when its weights hold them (the
+            # latents were checked). Optimum's folders record no dtype: for them an overflow is likely.
+            raise EdgediffError("the VAE decoder returned inf/NaN although it runs in fp32: the latents or "
+                                f"the weights of {self.model.path} hold non-finite values; check the latents "
+                                "you pass, or export the model again from an intact checkpoint")
         if not all(p.is_file() for p in fp32):
             raise EdgediffError(f"the VAE decoder returned inf/NaN (an fp16 overflow: the picture would be "
                                 f"black) and {self.model.path} has no fp32 decoder to re-run it with; "
@@ -427,9 +467,9 @@ class _Lease:
 def _negatives(negative_prompt, n: int) -> list[str]:
     if negative_prompt is None:
         return [""] * n
+    negatives = arg.texts("negative_prompt", negative_prompt)
     if isinstance(negative_prompt, str):
-        return [negative_prompt] * n
-    negatives = list(negative_prompt)
+        return negatives * n
     if len(negatives) != n:
         raise EdgediffError(f"{len(negatives)} negative prompts for {n} prompts; give one per prompt")
     return negatives
@@ -439,34 +479,63 @@ def _size(width, height, init_image, model: ModelInfo) -> tuple[int, int]:
     """As diffusers: an unset side is the init image's (rounded down to a multiple of the VAE's factor)
     or the model's native size."""
     f = model.vae_scale_factor
-    if init_image is not None:
-        width = width or init_image.size[0] // f * f
-        height = height or init_image.size[1] // f * f
-    width, height = width or model.native_size, height or model.native_size
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value <= 0 or value % f:
-            raise EdgediffError(f"{name} {value} is not a positive multiple of {f}; try "
-                                f"{max(f, round(value / f) * f) if isinstance(value, (int, float)) else 512}")
-    return width, height
+    sizes = []
+    for name, value, k in (("width", width, 0), ("height", height, 1)):
+        if value is None:  # 0 is a mistake, not "unset": it is refused below
+            value = init_image.size[k] // f * f if init_image is not None else model.native_size
+        value = arg.whole(name, value, f, MAX_SIDE, f" pixels (a multiple of {f})")
+        if value % f:
+            raise EdgediffError(f"{name} {value} is not a multiple of {f}; try {max(f, round(value / f) * f)}")
+        sizes.append(value)
+    return sizes[0], sizes[1]
 
 
-def _check(steps, strength, per_prompt, guidance) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise EdgediffError(f"steps must be a whole number of at least 1, not {steps!r}")
-    if not 0.0 <= strength <= 1.0:
-        raise EdgediffError(f"strength must be between 0 and 1, not {strength:g}")
-    if not isinstance(per_prompt, int) or per_prompt < 1:
-        raise EdgediffError(f"images per prompt must be at least 1, not {per_prompt!r}")
-    if guidance < 0:
-        raise EdgediffError(f"guidance scale must not be negative, not {guidance:g}")
+MAX_SIDE = 16384  # pixels: far beyond any model's training size; a larger side is a typo, not a plan
+
+
+def _schedule(sched: Scheduler, steps: int, strength: float | None) -> tuple[Schedule, int]:
+    """The run's schedule and the index it starts at (img2img starts part-way), or one line saying why
+    the scheduler cannot take that many steps."""
+    def make(n: int):
+        return sched.partial_schedule(n, strength) if strength is not None else (sched.schedule(n), 0)
+
+    try:
+        schedule, start = make(steps)
+    except ValueError as e:  # e.g. more LCM steps than its distillation schedule has
+        raise EdgediffError(str(e)) from None
+    if schedule.timesteps.max() >= sched.num_train_timesteps:
+        # "leading" spacing with SD's steps_offset 1 reaches t = 1000 at 1000 steps, past the training
+        # schedule's last index (diffusers fails there with an IndexError).
+        fits = next((n for n in range(steps - 1, 0, -1) if make(n)[0].timesteps.max() < sched.num_train_timesteps), 1)
+        raise EdgediffError(f"num_inference_steps {steps} is more than {sched.name} can take with this model's "
+                            f"{sched.num_train_timesteps} training timesteps; use at most {fits}")
+    return schedule, start
+
+
+def _latents(latents, shape: tuple[int, ...]) -> np.ndarray:
+    """The caller's initial latents as float32 of `shape`: real and finite, or one line saying why not."""
+    try:
+        array = np.asarray(latents)
+    except (TypeError, ValueError) as e:
+        raise EdgediffTypeError(f"latents must be an array of shape {shape}, not {type(latents).__name__} "
+                                f"({e})") from None
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise EdgediffTypeError(f"latents must be real numbers (float32), not {array.dtype}")
+    if array.shape != shape:
+        raise EdgediffError(f"latents have shape {array.shape}; this request needs {shape} "
+                            f"(batch, {LATENT_CHANNELS}, height/8, width/8)")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused just below
+        array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise EdgediffError("latents hold NaN or infinite values; pass finite noise (or none, for the seed's)")
+    return array
 
 
 def _seeds(seed: int | None, batch: int) -> list[int]:
-    if seed is None or seed == -1:  # -1 is AUTOMATIC1111's "random"
+    if seed is None or (isinstance(seed, (int, np.integer)) and seed == -1):  # AUTOMATIC1111's "random"
         seed = rnd.random_seed()
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= rnd.MAX_SEED:
-        raise EdgediffError(f"seed must be a whole number from 0 to {rnd.MAX_SEED} (or -1 for random), not {seed!r}")
-    return [(int(seed) + k) % (rnd.MAX_SEED + 1) for k in range(batch)]
+    seed = arg.whole("seed", seed, 0, rnd.MAX_SEED, " (or -1 for a random seed)")
+    return [(seed + k) % (rnd.MAX_SEED + 1) for k in range(batch)]
 
 
 @contextmanager

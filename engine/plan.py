@@ -28,11 +28,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from .errors import EdgediffError
+import numpy as np
+
+from .errors import EdgediffError, EdgediffTypeError
 
 GiB = 2 ** 30
 MiB = 2 ** 20
 DEFAULT_BUDGET = 7 * GiB  # fits an 8 GB card or Mac with room for the desktop
+MIN_BUDGET = MiB  # a budget below a megabyte is a slip (a number of GB given as bytes), not a plan
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,22 @@ SPLIT_TAIL_FACTOR = 2.4
 def parse_budget(text: str | int | float | None) -> int | None:
     """'7GB', '4.5 GiB', '512MB', 7e9 -> bytes. GB and GiB are both read as 2^30: users write GB and
     mean what their task manager shows."""
-    if text is None or isinstance(text, (int, float)):
-        return int(text) if text is not None else None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise EdgediffError(f"budget {text!r} is not a size; write it like 7GB, 4.5GB or 512MB")
-    unit = (m.group(2) or "b").lower()[0]
-    return int(float(m.group(1)) * {"b": 1, "k": 2 ** 10, "m": MiB, "g": GiB, "t": 2 ** 40}[unit])
+    if text is None:
+        return None
+    if isinstance(text, (int, float, np.integer, np.floating)) and not isinstance(text, bool):
+        size = float(text)
+    elif isinstance(text, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", text, re.IGNORECASE)
+        if not m:
+            raise EdgediffError(f"budget {text!r} is not a size; write it like 7GB, 4.5GB or 512MB")
+        unit = (m.group(2) or "b").lower()[0]
+        size = float(m.group(1)) * {"b": 1, "k": 2 ** 10, "m": MiB, "g": GiB, "t": 2 ** 40}[unit]
+    else:
+        raise EdgediffTypeError(f"budget must be a size like '7GB' or a number of bytes, not {type(text).__name__}")
+    if not (MIN_BUDGET <= size < float("inf")):  # NaN fails this too
+        raise EdgediffError(f"budget {text!r} is {'too small' if size < MIN_BUDGET else 'not a size'}: it takes at "
+                            f"least {MIN_BUDGET // MiB} MB; write it like 7GB, 4.5GB or 512MB")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -326,9 +338,7 @@ FALLBACK_FITS = {
 
 def component_facts(model) -> dict[str, ComponentFacts]:
     """Weights and activation profile of each exported component, from the manifest and the files."""
-    manifest = model.export_manifest.get("components", {})
-    if isinstance(manifest, list):  # version 1 manifests listed components
-        manifest = {c["name"]: c for c in manifest}
+    manifest = model.export_manifest.get("components", {})  # checked and made a dict by read_model_folder
     facts = {}
     for folder in sorted(p for p in model.path.iterdir() if p.is_dir()):
         files = list(folder.glob("model.onnx*"))

@@ -18,7 +18,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from .errors import EdgediffError
+from .errors import EdgediffError, first_line
 
 log = logging.getLogger("edgediff")
 
@@ -60,12 +60,20 @@ class ClipTokenizer:
         # trained with its own padding, so the folder decides.
         pad = token("pad_token", eos)
         unk = token("unk_token", eos)
-        max_length = int(cfg.get("model_max_length", MODEL_MAX_LENGTH))
+        max_length = cfg.get("model_max_length", MODEL_MAX_LENGTH)
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, float)) or max_length < 3:
+            raise EdgediffError(f"{folder / 'tokenizer_config.json'}: model_max_length is {max_length!r}, not a "
+                                f"token count (CLIP: {MODEL_MAX_LENGTH}); fix the file or export the model again")
+        max_length = int(max_length)
         if max_length > 10_000:  # transformers writes a huge sentinel when no length was set
             max_length = MODEL_MAX_LENGTH
 
         if (folder / "tokenizer.json").is_file():
-            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            try:
+                tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # the Rust core raises a plain Exception for any parse error
+                raise EdgediffError(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library can "
+                                    f"read ({first_line(e)}); export the model again") from None
             tok.no_padding()
             tok.no_truncation()
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
@@ -92,11 +100,15 @@ class ClipTokenizer:
 def build_clip_bpe(vocab_path: Path, merges_path: Path, unk: str) -> Tokenizer:
     """CLIP's tokenizer from the two files every CLIP checkpoint ships (what transformers' CLIPTokenizer
     assembles too): NFC, whitespace folded, lowercase; CLIP's split; byte-level BPE with `</w>` ends."""
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    lines = merges_path.read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                        end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk))
+    vocab = _read_json(vocab_path)
+    try:
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                            end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk))
+    except Exception as e:  # unreadable text, or the Rust core's refusal of the vocabulary or a merge
+        raise EdgediffError(f"{vocab_path.parent}: vocab.json and merges.txt do not make a BPE tokenizer "
+                            f"({first_line(e)}); export the model again") from None
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                            normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -111,6 +123,9 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise EdgediffError(f"{path} cannot be read: {e}") from None
+        raise EdgediffError(f"{path} cannot be read: {first_line(e)}; export the model again") from None
+    if not isinstance(data, dict):
+        raise EdgediffError(f"{path} is not a JSON object; export the model again")
+    return data

@@ -213,12 +213,17 @@ def read_checkpoint(path: str | Path) -> dict:
             # the file names, and checkpoints are downloaded from strangers.
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            # torch's restricted unpickler refuses two different things: a pickle that names a Python
+            # object it will not build ("Unsupported global: GLOBAL posix.system"), and bytes that are no
+            # pickle at all ("Unsupported operand 103"). Only the first needs unrestricted unpickling.
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f" ({found.group(1)})" if found else ""
+            if not found:
+                raise EdgediffError(f"{path} is not a valid PyTorch checkpoint (damaged, cut off, or not a "
+                                    "checkpoint at all); re-download it") from None
             raise EdgediffError(
-                f"{path} needs unrestricted unpickling{what}, which edgediff refuses because it can run "
-                "code; convert it to .safetensors with a tool you trust, or download the .safetensors "
-                "version") from None
+                f"{path} needs unrestricted unpickling ({found.group(1)}), which edgediff refuses because it "
+                "can run code; convert it to .safetensors with a tool you trust, or download the "
+                ".safetensors version") from None
         except Exception as e:
             raise EdgediffError(f"{path} cannot be read as a PyTorch checkpoint ({_one_line(e)}); "
                                 "re-download it") from None

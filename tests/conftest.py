@@ -42,3 +42,12 @@ def private_cache(tmp_path_factory):
         os.environ.pop("EDGEDIFF_CACHE", None)
     else:
         os.environ["EDGEDIFF_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def builtin_model(private_cache):
+    """The built-in model exported once for the whole session (about 8 s) into the private cache: every
+    test that needs a real, trained model shares this folder. Tests that damage a model copy it first."""
+    from edgediff.export.sources import ensure_exported
+
+    return ensure_exported("builtin")

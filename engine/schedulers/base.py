@@ -50,8 +50,13 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "SchedulerConfig":
+        """The config of a scheduler_config.json; a value no scheduler could use raises ValueError naming
+        the key (a damaged file must fail when it is read, in one line, not mid-generation)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extras"}
         known = {k: v for k, v in raw.items() if k in names}
+        for key, value in known.items():
+            if value is not None and not _valid(key, value):
+                raise ValueError(f"{key} is {value!r}; {VALID_VALUES[key][1]}")
         if known.get("trained_betas") is not None:
             known["trained_betas"] = tuple(float(b) for b in known["trained_betas"])
         extras = tuple(sorted((k, v) for k, v in raw.items() if k not in names and not k.startswith("_")
@@ -66,6 +71,47 @@ class SchedulerConfig:
         """The config's value for `key`, or the scheduler's own `default` where the file has none."""
         value = getattr(self, key)
         return default if value is None else value
+
+
+def _whole(lo: int, hi: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _real(lo: float, hi: float):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+
+def _one_of(*names: str):
+    return lambda v: v in names
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+MAX_TRAIN_TIMESTEPS = 100_000  # SD trains with 1000; a larger count is a damaged file, not a schedule
+# key -> (test of a value, what the key takes): every value a scheduler here reads, checked once.
+VALID_VALUES: dict[str, tuple[Any, str]] = {
+    "num_train_timesteps": (_whole(1, MAX_TRAIN_TIMESTEPS), f"it takes a whole number from 1 to {MAX_TRAIN_TIMESTEPS}"),
+    "beta_start": (_real(0.0, 1.0), "it takes a number between 0 and 1 (SD: 0.00085)"),
+    "beta_end": (_real(0.0, 1.0), "it takes a number between 0 and 1 (SD: 0.012)"),
+    "beta_schedule": (_one_of(*BETA_SCHEDULES), f"it takes one of {', '.join(BETA_SCHEDULES)}"),
+    "trained_betas": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_real(0.0, 1.0)(b) for b in v),
+                      "it takes a list of numbers between 0 and 1"),
+    "prediction_type": (_one_of(*PREDICTION_TYPES), f"it takes one of {', '.join(PREDICTION_TYPES)}"),
+    "steps_offset": (_whole(0, MAX_TRAIN_TIMESTEPS), "it takes a whole number (SD: 1)"),
+    "timestep_spacing": (_one_of(*TIMESTEP_SPACINGS), f"it takes one of {', '.join(TIMESTEP_SPACINGS)}"),
+    "set_alpha_to_one": (lambda v: isinstance(v, bool), "it takes true or false"),
+    "clip_sample": (lambda v: isinstance(v, bool), "it takes true or false"),
+    "clip_sample_range": (_real(1e-6, 1e6), "it takes a positive number (1.0)"),
+    "skip_prk_steps": (lambda v: isinstance(v, bool), "it takes true or false"),
+    "rescale_betas_zero_snr": (lambda v: isinstance(v, bool), "it takes true or false"),
+    "original_inference_steps": (_whole(1, MAX_TRAIN_TIMESTEPS), "it takes a whole number (LCM: 50)"),
+    "timestep_scaling": (_real(1e-6, 1e6), "it takes a positive number (LCM: 10.0)"),
+}
+
+
+def _valid(key: str, value: Any) -> bool:
+    return bool(VALID_VALUES[key][0](value))
 
 
 def betas_for(config: SchedulerConfig, *, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -183,7 +229,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig | None = None):
         self.config = config or SchedulerConfig()
         self.prediction_type = self.config.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {self.prediction_type!r} is not supported")
         self.num_train_timesteps = self.config.get("num_train_timesteps", 1000)
 
