@@ -1,19 +1,32 @@
 """The `edgediff` command: demo, export, generate, plan, devices, bench.
 
-Bad input ends in one line, `edgediff: error: ...`, exit status 2, and no file written.
+Bad input ends in one line, `edgediff: error: ...`, exit status 2, and no file written. Anything else
+that goes wrong is one line naming the exception, exit status 1 (`--debug` shows the traceback).
+Ctrl-C and SIGTERM stop a run the same way, deleting what it had half-written (engine/files.py); the
+exit status is the shell's convention, 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .engine.errors import EdgediffError
 
 log = logging.getLogger("edgediff")
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as a KeyboardInterrupt so that every cleanup written for Ctrl-C runs for it too."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +35,46 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="edgediff: %(message)s")
     logging.getLogger("edgediff").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    with _sigterm_raises():
+        try:
+            return args.run(args) or 0
+        except EdgediffError as e:
+            print(f"edgediff: error: {e}", file=sys.stderr)
+            return 2
+        except Terminated:
+            print("edgediff: terminated", file=sys.stderr)
+            return EXIT_TERMINATED
+        except KeyboardInterrupt:
+            print("edgediff: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as e:  # a bug, or a failure nobody turned into a sentence: named, never silenced
+            if args.debug:
+                raise
+            kind = type(e).__qualname__ if type(e).__module__ == "builtins" else \
+                f"{type(e).__module__}.{type(e).__qualname__}"
+            message = str(e).strip().splitlines()
+            print(f"edgediff: unexpected error: {kind}{': ' + message[0] if message else ''} "
+                  "(run again with --debug for the traceback)", file=sys.stderr)
+            return 1
+
+
+@contextmanager
+def _sigterm_raises():
+    """While the block runs, SIGTERM (what `kill`, systemd and container runtimes send) raises
+    Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt; the previous handler comes back
+    after. Signal handlers can only be set from the main thread: elsewhere SIGTERM keeps its meaning."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        return args.run(args) or 0
-    except EdgediffError as e:
-        print(f"edgediff: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edgediff: interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="edgediff", description="Stable Diffusion on the hardware you have.")
     p.add_argument("-v", "--verbose", action="store_true", help="say more about what happens")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="build the built-in model, export it, generate and time an image")
@@ -95,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-safety-checker", action="store_true",
                      help="do not run the model's safety checker (which blacks out flagged images)")
     gen.add_argument("--out", default="out.png", help="PNG to write; a batch adds -1, -2, ...")
+    gen.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                     help="replace --out (a batch: its numbered files) if it already exists")
     gen.set_defaults(run=_generate)
 
     plan = sub.add_parser("plan", help="print the memory plan a generation would follow, without generating")
@@ -117,6 +165,12 @@ def _parser() -> argparse.ArgumentParser:
                                          "`bench compare A.json B.json` renders reports side by side")
     bench_run.add_arguments(bench)
     bench.set_defaults(run=bench_run.run)
+
+    # `--debug` after the command too, where one adds it to the command line that just failed;
+    # SUPPRESS: a command that does not name it leaves the global one's value alone
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an unexpected error")
     return p
 
 
@@ -142,20 +196,24 @@ def _export(args) -> None:
 
 
 def _generate(args) -> None:
+    from .engine.files import check_out
     from .engine.images import save_png
     from .engine.pipeline import Pipeline
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise EdgediffError(f"--out {out} should end in .png")
+    # a batch of one is `out` itself; a batch of k, out-1.png ... out-k.png
+    paths = [out] if args.batch == 1 else \
+        [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(args.batch)]
+    for path in paths:  # before the model is loaded: a wrong --out costs nothing
+        check_out(path, args.force)
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, safety_checker=not args.no_safety_checker,
                                     memory_budget=args.budget)
     result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   scheduler=args.scheduler, num_images_per_prompt=args.batch, image=args.init_image,
                   strength=args.strength, mask_image=args.mask, progress=True)
-    paths = [out] if len(result.images) == 1 else \
-        [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(len(result.images))]
     flagged = result.nsfw_content_detected or [False] * len(paths)
     for image, params, path, nsfw in zip(result.images, result.parameters, paths, flagged):
         save_png(image, path, params.a1111())

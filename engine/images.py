@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from .errors import EdgediffError
+from .files import partial_prefix, sweep_partials, umask
 
 
 def open_image(image, what: str) -> Image.Image:
@@ -102,10 +103,12 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    sweep_partials(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=partial_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private (0600); a PNG is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

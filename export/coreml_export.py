@@ -40,9 +40,9 @@ import numpy as np
 
 from ..engine.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
 from ..engine.errors import EdgediffError
-from ..engine.files import atomic_folder
+from ..engine.files import atomic_folder, check_out
 from .onnx_export import (MANIFEST, VARIANT_MAX_RELATIVE_ERROR, ComponentReport, _check_source, _quiet,
-                          check_out, manifest_header, psnr)
+                          manifest_header, psnr)
 
 log = logging.getLogger("edgediff")
 
@@ -102,7 +102,7 @@ def export_coreml(src: str | Path, out: str | Path, width: int, height: int, bat
     if batch < 1:
         raise EdgediffError(f"batch must be at least 1 (got {batch})")
     _check_source(src)
-    check_out(out, force)
+    check_out(out, force, folder=True)
     with atomic_folder(out) as tmp:
         with torch.no_grad(), _quiet(), _quiet_coremltools():
             reports, shapes = _export_all(src, tmp, width, height, batch, attention, compute_units,

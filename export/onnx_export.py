@@ -40,7 +40,7 @@ from ..engine.clip_vocab import add_vocab_files
 from ..engine.components import (FP32_FALLBACK, FP32_FALLBACK_COMPONENTS, SAFETY_CHECKER, TEXT_ENCODER, UNET,
                                  VAE_DECODER, VAE_DECODER_HEAD, VAE_DECODER_TAIL, VAE_ENCODER, ComponentSpec)
 from ..engine.errors import EdgediffError
-from ..engine.files import atomic_folder
+from ..engine.files import atomic_folder, check_out
 from . import memory_profile
 from .attention import DEFAULT_SLICES, VARIANTS
 
@@ -141,7 +141,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
 
     src, out = Path(src), Path(out)
     _check_source(src)
-    check_out(out, force)
+    check_out(out, force, folder=True)
     try:
         with atomic_folder(out) as tmp:
             with torch.no_grad(), _quiet():
@@ -175,16 +175,6 @@ def manifest_header(fmt: str, version: int, src: Path, name: str | None, source:
         "name": name or src.resolve().name,
         "source": source or {"kind": "diffusers-folder", "path": str(src.resolve()), "sha256": folder_hash(src)},
     }
-
-
-def check_out(out: Path, force: bool) -> None:
-    """Refuse to replace what is not ours to replace: only --force empties a folder that holds files."""
-    if out.is_file():
-        raise EdgediffError(f"{out} is a file; --out must name a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        what = "an edgediff export" if (out / MANIFEST).is_file() else \
-            f"{sum(1 for _ in out.iterdir())} other entries (e.g. {next(out.iterdir()).name})"
-        raise EdgediffError(f"{out} already holds {what}; choose another --out or pass --force to replace it")
 
 
 def folder_hash(folder: Path) -> str:

@@ -15,12 +15,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.errors import EdgediffError
-from .onnx_export import MANIFEST, ExportOptions, check_out, folder_hash
+from ..engine.files import check_out, scratch_folder, sweep_partials
+from .onnx_export import MANIFEST, ExportOptions, folder_hash
 
 log = logging.getLogger("edgediff")
 
@@ -76,9 +76,9 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
                             "use --dtype fp16 or leave --dtype out")
     source = identify(src)
     out = Path(out)
-    check_out(out, force)  # before any download or conversion, so a wrong --out costs nothing
-    with tempfile.TemporaryDirectory(prefix=".edgediff-src-", dir=_scratch_dir(out)) as scratch:
-        folder = materialize(source, Path(scratch), config=config, prediction_type=prediction_type)
+    check_out(out, force, folder=True)  # before any download or conversion, so a wrong --out costs nothing
+    with scratch_folder(_scratch_dir(out), "edgediff-src") as scratch:
+        folder = materialize(source, scratch, config=config, prediction_type=prediction_type)
         default_name = {"builtin": "builtin", "hub": source.ref.split("/")[-1]}.get(
             source.kind, Path(source.ref).stem if source.kind == "single-file" else Path(source.ref).name)
         if coreml is None:
@@ -122,6 +122,7 @@ def ensure_exported(src: str | Path, options: ExportOptions = ExportOptions(), *
     if extra:  # --config/--prediction-type change the result: they are part of the key
         key += "-" + hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode()).hexdigest()[:8]
     out = cache_root() / "models" / key
+    sweep_partials(out.parent)  # what killed exports left, even when this one is already there
     if (out / MANIFEST).is_file():
         return out
     try:

@@ -143,3 +143,92 @@ def test_export_writes_optimum_layout(tiny, tmp_path, capsys):
     assert "parity vs PyTorch" in stdout
     code, _, err = run(capsys, "export", str(tiny("sd2")[0]), "--out", str(tmp_path / "o"))
     one_line_error(code, err, "already holds an edgediff export", "--force")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if the model is loaded: refusals of --out must come before it."""
+    from edgediff.engine.pipeline import Pipeline
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+    monkeypatch.setattr(Pipeline, "from_pretrained", loaded)
+
+
+@pytest.mark.parametrize("batch, existing", [(1, "out.png"), (3, "out-2.png")])
+def test_generate_refuses_an_existing_out_before_loading(no_loading, tmp_path, capsys, batch, existing):
+    (tmp_path / existing).write_bytes(b"the user's picture")
+    code, _, err = run(capsys, "generate", "a cat", "--model", str(tmp_path / "nowhere"), "--batch", str(batch),
+                       "--out", str(tmp_path / "out.png"))
+    one_line_error(code, err, str(tmp_path / existing), "already exists", "--force", "another --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]
+    assert (tmp_path / existing).read_bytes() == b"the user's picture"
+
+
+def test_generate_force_replaces_out(tiny, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"old")
+    code, _, _ = run(capsys, "generate", "a cat", "--model", str(tiny("sd1")[1]), "--steps", "2", "--force",
+                     "--out", str(out))
+    assert code == 0 and Image.open(out).size == (64, 64)
+
+
+@pytest.mark.parametrize("case, out, words", [
+    ("a folder", "d.png", ["d.png is a folder", "--out"]),
+    ("under a file", "f.txt/sub/x.png", ["f.txt is a file, not a folder", "another --out"]),
+    ("read-only", "ro/x.png", ["no permission to write in", "ro", "another --out"]),
+])
+def test_generate_refuses_an_out_it_cannot_write_before_loading(no_loading, tmp_path, capsys, case, out, words):
+    import os
+
+    (tmp_path / "d.png").mkdir()
+    (tmp_path / "f.txt").write_text("a file")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    if case == "read-only" and os.access(tmp_path / "ro", os.W_OK):
+        pytest.skip("running as root: every folder is writable")
+    code, _, err = run(capsys, "generate", "a cat", "--model", "builtin", "--out", str(tmp_path / out))
+    one_line_error(code, err, *words)
+
+
+def test_export_refuses_an_out_it_cannot_create_before_exporting(tmp_path, capsys):
+    (tmp_path / "f.txt").write_text("a file")
+    code, _, err = run(capsys, "export", "builtin", "--out", str(tmp_path / "f.txt" / "model"))
+    one_line_error(code, err, "f.txt is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+@pytest.fixture
+def broken_devices(monkeypatch):
+    """`edgediff devices` with a bug in it."""
+    import edgediff.cli
+
+    def bug(args):
+        return 1 / 0
+    monkeypatch.setattr(edgediff.cli, "_devices", bug)
+
+
+def test_an_unexpected_error_is_one_line_naming_it(broken_devices, capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run(capsys, "devices")
+    assert code == 1
+    assert err.splitlines() == ["edgediff: unexpected error: ZeroDivisionError: division by zero "
+                                "(run again with --debug for the traceback)"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's SIGTERM handler is gone again
+
+
+@pytest.mark.parametrize("argv", [["--debug", "devices"], ["devices", "--debug"]])
+def test_debug_shows_the_traceback(broken_devices, argv):
+    with pytest.raises(ZeroDivisionError):  # raised out of main: Python prints the traceback
+        main(argv)
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    import edgediff.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(edgediff.cli, "_devices", interrupted)
+    code, _, err = run(capsys, "devices")
+    assert (code, err) == (130, "edgediff: interrupted\n")
