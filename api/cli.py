@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .engine.errors import EdgediffError
+from .engine.errors import EdgediffError, first_line
 
 log = logging.getLogger("edgediff")
 
@@ -52,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             kind = type(e).__qualname__ if type(e).__module__ == "builtins" else \
                 f"{type(e).__module__}.{type(e).__qualname__}"
-            message = str(e).strip().splitlines()
-            print(f"edgediff: unexpected error: {kind}{': ' + message[0] if message else ''} "
-                  "(run again with --debug for the traceback)", file=sys.stderr)
+            what = f"{kind}: {first_line(e)}" if str(e).strip() else kind
+            print(f"edgediff: unexpected error: {what} (run again with --debug for the traceback)", file=sys.stderr)
             return 1
 
 
