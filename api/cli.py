@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             kind = type(e).__qualname__ if type(e).__module__ == "builtins" else \
                 f"{type(e).__module__}.{type(e).__qualname__}"
             what = f"{kind}: {first_line(e)}" if str(e).strip() else kind
-            print(f"edgediff: unexpected error: {what} (run again with --debug for the traceback)", file=sys.stderr)
+            print(f"edgediff: unexpected error: {what} (run again with --debug for the traceback)",
+                  file=sys.stderr)
             return 1
 
 
