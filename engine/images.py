@@ -15,22 +15,44 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .errors import EdgediffError
+from .errors import EdgediffError, EdgediffTypeError, first_line
 from .files import partial_prefix, sweep_partials, umask
+
+
+# The largest init image or mask edgediff reads: 64 megapixels (8192x8192), several times any model's
+# training size. Checked from the file's header before any pixel is decoded, so a decompression bomb (a
+# small PNG that inflates to gigabytes) costs nothing; PIL's own guard only warns below twice its limit.
+MAX_INPUT_PIXELS = 8192 * 8192
 
 
 def open_image(image, what: str) -> Image.Image:
     """A PIL image from a PIL image or a path; `what` names it in the error ("init image", "mask")."""
     if isinstance(image, Image.Image):
+        _check_pixels(image.size, what, "")
         return image
     if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as im:
+            with Image.open(image) as im:  # reads the header only
+                _check_pixels(im.size, what, f" {str(image)!r}")
                 im.load()
                 return im.copy()
+        except Image.DecompressionBombError:  # PIL's own refusal, at twice its limit, as it opens
+            raise EdgediffError(f"the {what} {str(image)!r} is larger than the {MAX_INPUT_PIXELS // 2**20} "
+                                "megapixels edgediff reads; scale it down first") from None
         except (OSError, ValueError) as e:
-            raise EdgediffError(f"cannot read the {what} {str(image)!r}: {e}") from None
-    raise EdgediffError(f"the {what} must be a PIL image or a path, not {type(image).__name__}")
+            if isinstance(e, EdgediffError):
+                raise
+            raise EdgediffError(f"cannot read the {what} {str(image)!r}: {first_line(e)}") from None
+    raise EdgediffTypeError(f"the {what} must be a PIL image or a path, not {type(image).__name__}")
+
+
+def _check_pixels(size: tuple[int, int], what: str, name: str) -> None:
+    width, height = size
+    if width * height > MAX_INPUT_PIXELS:
+        raise EdgediffError(f"the {what}{name} is {width}x{height} pixels, more than the {MAX_INPUT_PIXELS // 2**20} "
+                            "megapixels edgediff reads; scale it down first")
+    if width < 1 or height < 1:
+        raise EdgediffError(f"the {what}{name} is empty ({width}x{height} pixels)")
 
 
 def to_tensor(image: Image.Image, width: int, height: int) -> np.ndarray:

@@ -81,7 +81,7 @@ def broken_models(tiny, tmp_path):
     ("corrupt", [], ["vae_decoder/model.onnx", "not a valid ONNX model"]),
     ("width", ["--width", "100"], ["width 100", "multiple of 8"]),
     ("height", ["--height", "65"], ["height 65", "multiple of 8"]),
-    ("steps", ["--steps", "0"], ["steps", "at least 1"]),
+    ("steps", ["--steps", "0"], ["num_inference_steps must be from 1 to 1000, not 0"]),
     ("image", ["--init-image", "NOFILE.png"], ["init image", "NOFILE.png"]),
     ("mask", ["--init-image", "IN.png", "--mask", "BAD.png"], ["mask", "BAD.png"]),
     ("nomodel", [], ["does not exist"]),
