@@ -77,10 +77,19 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line like every other error, not the usage
+    block argparse prints above it (the usage is a `--help` away, and the line says so). Subcommand
+    parsers are made by the same class (argparse uses the parent's class for them)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .engine.schedulers import SCHEDULERS
 
-    p = argparse.ArgumentParser(prog="edgediff", description="Stable Diffusion on the hardware you have.")
+    p = _OneLineParser(prog="edgediff", description="Stable Diffusion on the hardware you have.")
     p.add_argument("-v", "--verbose", action="store_true", help="say more about what happens")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)

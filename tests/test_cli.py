@@ -100,11 +100,27 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, broken_models, tmp_path,
 
 
 def test_unknown_scheduler_is_refused(tiny, capsys):
-    with pytest.raises(SystemExit) as e:  # argparse's own one-line refusal, listing the choices
+    with pytest.raises(SystemExit) as e:  # argparse's refusal, listing the choices
         main(["generate", "x", "--model", str(tiny("sd1")[1]), "--scheduler", "heun"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'heun'" in err and "euler_a" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", "x", "--model", "m", "--steps", "abc"], "edgediff generate: error: argument --steps: invalid int"),
+    (["generate", "--model", "m"], "edgediff generate: error: the following arguments are required: prompt"),
+    (["bogus"], "edgediff: error: argument command: invalid choice: 'bogus'"),
+    ([], "edgediff: error: the following arguments are required: command"),
+    (["export", "builtin", "--out", "x", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["bench", "compare"], "edgediff bench compare: error: the following arguments are required: reports"),
+])
+def test_command_line_mistakes_are_one_line_without_the_usage_block(capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "--help" in err and "usage:" not in err, err
 
 
 def test_unknown_scheduler_in_the_api(tiny):
