@@ -70,6 +70,10 @@ REQUIREMENTS = (
     "diffusers==0.39.0",
     "onnxruntime==1.31.1",
 )
+# Everything pip installs into the optimum venv beside REQUIREMENTS (huggingface_hub 0.x, tokenizers,
+# ...), pinned as constraints.txt pins the dev venv, so that a new release cannot change what the
+# interop tests run. `python -m edgediff.bench.optimum_env --lock` (run by `./dev lock`) rewrites it.
+LOCK = Path(__file__).with_name("optimum-constraints.txt")
 # What must come from the optimum venv itself, not from the shared dev site-packages.
 OWN = {"optimum": "optimum-onnx", "transformers": "transformers", "diffusers": "diffusers"}
 
@@ -87,11 +91,13 @@ class OptimumEnvUnavailable(Exception):
     """The optimum venv could not be built because the package index is unreachable."""
 
 
-def optimum_python() -> Path:
-    """The optimum venv's python, after building the venv if it is missing or its stamp is stale."""
+def optimum_python(locked: bool = True) -> Path:
+    """The optimum venv's python, after building the venv if it is missing or its stamp is stale.
+    `locked=False` builds it from the newest releases REQUIREMENTS admit (for `lock`)."""
     shared = _shared_site_packages()
     stamp = json.dumps({
         "requirements": list(REQUIREMENTS),
+        "lock": LOCK.read_text() if LOCK.is_file() else None,
         "python": sys.version,
         "shared": str(shared),
         # a change in the dev venv (another torch, numpy, ...) rebuilds: pip resolved against these
@@ -99,10 +105,12 @@ def optimum_python() -> Path:
                                   for d in importlib.metadata.distributions(path=[str(shared)])),
     }, indent=1)
     python = VENV / "bin" / "python"
-    if python.exists() and (VENV / STAMP).is_file() and (VENV / STAMP).read_text() == stamp:
+    if locked and python.exists() and (VENV / STAMP).is_file() and (VENV / STAMP).read_text() == stamp:
         return python
     start = time.perf_counter()
-    _build(python, shared)
+    _build(python, shared, locked)
+    if not locked:
+        return python  # no stamp: the next locked use rebuilds from the lock
     (VENV / STAMP).write_text(stamp)  # last: an interrupted build is redone next time
     print(f"optimum_env: built {VENV} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return python
@@ -125,7 +133,19 @@ def _shared_site_packages() -> Path:
     return Path(spec.origin).resolve().parents[1]
 
 
-def _build(python: Path, shared: Path) -> None:
+def lock() -> Path:
+    """Rebuild the venv from the newest releases and pin what pip put in it (its own site-packages,
+    not the shared dev packages) into LOCK."""
+    python = optimum_python(locked=False)
+    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   "find its site-packages").stdout.strip()
+    frozen = _run([str(python), "-m", "pip", "freeze", "--path", purelib], "list its packages").stdout
+    LOCK.write_text("# The optimum venv's own packages (bench/optimum_env.py); written by `python -m "
+                    "edgediff.bench.optimum_env --lock`, do not edit by hand.\n" + frozen)
+    return LOCK
+
+
+def _build(python: Path, shared: Path, locked: bool = True) -> None:
     if VENV.exists():
         shutil.rmtree(VENV)
     # The interpreter running the tests (the dev venv's) creates the venv: `-m venv` from inside a venv
@@ -143,6 +163,8 @@ def _build(python: Path, shared: Path) -> None:
 
     cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
            "--retries", "2", "--timeout", "30", *REQUIREMENTS, f"torch=={torch_version}"]
+    if locked and LOCK.is_file():
+        cmd += ["-c", str(LOCK)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
     if proc.returncode != 0:
         output = proc.stdout + proc.stderr
@@ -199,5 +221,5 @@ def _tail(text: str, lines: int) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-if __name__ == "__main__":  # python -m edgediff.bench.optimum_env: build (or check) the venv, print its python
-    print(optimum_python())
+if __name__ == "__main__":  # python -m edgediff.bench.optimum_env [--lock]: build (or check) the venv
+    print(lock() if sys.argv[1:] == ["--lock"] else optimum_python())
