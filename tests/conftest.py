@@ -3,7 +3,16 @@ test session. Nothing here downloads anything."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# PyTorch on one thread, here and in every process the tests start (set before anything imports torch).
+# The tests' models are tiny, and on the 2-core CI machine a tiny UNet call took 1.7 s with PyTorch's
+# two OpenMP threads and 21 ms with one: each of its ~150 kernels of microseconds waited milliseconds
+# for the second thread to wake. (ONNX Runtime keeps its own pool; edgediff sets its threads itself.)
+# Measured with the tiny SD 1.x UNet, 8x8 latents, batch 2; a user's full-size export keeps all cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from edgediff.builtin.random_model import TinySpec, build_random_model
 

@@ -77,8 +77,8 @@ def test_img2img_size_follows_the_init_image(tiny):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(strength=1.5), "strength must be between 0 and 1"),
-    (dict(num_images_per_prompt=0), "images per prompt"),
+    (dict(strength=1.5), "strength must be from 0 to 1"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be at least 1"),
     (dict(seed=2**40), "seed must be"),
     (dict(latents=np.zeros((1, 4, 4, 4), np.float32)), "latents have shape"),
     (dict(negative_prompt=["a", "b"]), "2 negative prompts for 1 prompts"),

@@ -115,7 +115,7 @@ def test_budget_is_capped_by_free_memory():
 
 
 @pytest.mark.parametrize("text,expected", [("7GB", 7 * GiB), ("4.5 GiB", int(4.5 * GiB)), ("512MB", 512 * 2**20),
-                                           ("2g", 2 * GiB), ("1000", 1000)])
+                                           ("2g", 2 * GiB), ("1000000000", 10**9)])
 def test_budgets_parse(text, expected):
     assert parse_budget(text) == expected
 
