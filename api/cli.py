@@ -83,7 +83,7 @@ class _OneLineParser(argparse.ArgumentParser):
     parsers are made by the same class (argparse uses the parent's class for them)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"edgediff: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,7 +204,13 @@ def _export(args) -> None:
     print(f"exported to {args.out} in {time.perf_counter() - start:.1f} s (manifest: {Path(args.out) / 'edgediff.json'})")
 
 
+# A command's images are written as out-1.png ... out-N.png, each checked before the model loads: a
+# batch beyond this is a typo, and checking a million paths alone took 35 s.
+MAX_BATCH = 1000
+
+
 def _generate(args) -> None:
+    from .engine import arguments as arg
     from .engine.files import check_out
     from .engine.images import save_png
     from .engine.pipeline import Pipeline
@@ -212,6 +218,7 @@ def _generate(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise EdgediffError(f"--out {out} should end in .png")
+    arg.whole("--batch", args.batch, 1, MAX_BATCH, " images; run the command again for more")
     # a batch of one is `out` itself; a batch of k, out-1.png ... out-k.png
     paths = [out] if args.batch == 1 else \
         [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(args.batch)]
@@ -282,10 +289,15 @@ def _demo(args) -> None:
 
 def _plan(args) -> None:
     from .backends import select
+    from .engine import arguments as arg
     from .engine.model_folder import read_model_folder
+    from .engine.pipeline import image_size
     from .engine.plan import Request, make_plan, parse_budget
 
     budget = parse_budget(args.budget)  # before anything slow: a bad budget is a typo
+    # the checks generate makes, so that plan never plans what generate would refuse
+    batch = arg.whole("--batch", args.batch, 1, MAX_BATCH)
+    guidance = arg.real("--guidance", args.guidance, 0.0)
     folder = Path(args.model)
     if not (folder / "unet" / "model.onnx").is_file():
         from .export.sources import ensure_exported
@@ -293,8 +305,8 @@ def _plan(args) -> None:
         folder = ensure_exported(args.model)
     model = read_model_folder(folder)
     _, device = select(args.backend)
-    width, height = args.width or model.native_size, args.height or model.native_size
-    plan = make_plan(model, Request(width, height, args.batch, cfg=args.guidance > 1, img2img=args.img2img),
+    width, height = image_size(args.width, args.height, None, model)
+    plan = make_plan(model, Request(width, height, batch, cfg=guidance > 1, img2img=args.img2img),
                      device, budget)
     print(plan.describe())
 

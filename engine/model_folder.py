@@ -28,6 +28,10 @@ class ModelInfo:
     unet_in_channels: int  # 4, or 9 for inpainting checkpoints (latents + mask + masked-image latents)
     sample_size: int  # the UNet's native latent size
     vae_scale_factor: int  # pixels per latent (8 for SD)
+    # Image sides must be multiples of this: the VAE's factor times the UNet's downsamplings (SD: 8 x 8 =
+    # 64). diffusers' UNet resizes odd latents on the way up; the exported graph upsamples by exactly 2,
+    # and a side that does not halve evenly fails inside ONNX Runtime (a Concat of 5 and 6 columns).
+    size_multiple: int
     scaling_factor: float  # latents are scaled by this before the UNet sees them
     scheduler_config: SchedulerConfig
     scheduler_class: str  # diffusers class named in scheduler_config.json, to pick the default
@@ -74,6 +78,10 @@ def read_model_folder(path: str | Path) -> ModelInfo:
     if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
         raise EdgediffError(f"{vae_file}: block_out_channels is {blocks!r}, not a list of the VAE's block widths; "
                             "export the model again")
+    unet_blocks = unet.get("block_out_channels") or [0] * 4  # SD's four blocks: three downsamplings
+    if not isinstance(unet_blocks, list) or not 1 <= len(unet_blocks) <= 8:
+        raise EdgediffError(f"{unet_file}: block_out_channels is {unet_blocks!r}, not a list of the UNet's block "
+                            "widths; export the model again")
     manifest = _config(path / "edgediff.json")
     _check_manifest(path / "edgediff.json", manifest)
     name = manifest.get("name") or path.resolve().name
@@ -87,6 +95,7 @@ def read_model_folder(path: str | Path) -> ModelInfo:
         unet_in_channels=_number(unet_file, "in_channels", unet.get("in_channels", LATENT_CHANNELS), (4, 9)),
         sample_size=_number(unet_file, "sample_size", sample_size, range(1, 1025)),
         vae_scale_factor=2 ** (len(blocks) - 1),
+        size_multiple=2 ** (len(blocks) - 1) * 2 ** (len(unet_blocks) - 1),
         scaling_factor=_number(vae_file, "scaling_factor", vae.get("scaling_factor", VAE_SCALING_FACTOR), None),
         scheduler_config=scheduler_config,
         scheduler_class=str(scheduler_raw.get("_class_name", "")),

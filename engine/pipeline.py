@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -108,6 +108,9 @@ class Pipeline:
         every generation's predicted peak (default 7 GB, never more than the device has free)."""
         from ..backends import select
 
+        if not isinstance(backend, str):
+            raise EdgediffTypeError(f"backend must be a backend's name (auto, cpu, cuda, rocm, coreml), not "
+                                    f"{type(backend).__name__}")
         if not isinstance(path, (str, os.PathLike)):
             raise EdgediffTypeError(f"from_pretrained needs a model: an exported folder, a diffusers folder, a "
                                     f".safetensors file, a hub id or 'builtin', not {type(path).__name__}")
@@ -238,7 +241,7 @@ class Pipeline:
             raise EdgediffError("a mask needs an init image to inpaint (pass image= / --init-image)")
         init_image = open_image(image, "init image") if image is not None else None
         mask = open_image(mask_image, "mask") if mask_image is not None else None
-        width, height = _size(width, height, init_image, model)
+        width, height = image_size(width, height, init_image, model)
         if mask is not None and mask.size != init_image.size:
             log.warning("the mask is %dx%d but the image is %dx%d: resized the mask to the image",
                         *mask.size, *init_image.size)
@@ -303,7 +306,7 @@ class Pipeline:
         state = None
         steps = range(start, len(schedule))
         bar = _progress(len(steps), progress)
-        with self._using(UNET) as unet:
+        with self._using(UNET) as unet, closing(bar):  # the bar ends its line even when a step raises
             if plan.cfg_batched:  # the same text embeddings every step: on a GPU, sent to it once (IO binding)
                 unet.keep("encoder_hidden_states", context)
             for n, i in enumerate(steps):
@@ -320,7 +323,8 @@ class Pipeline:
                                               for half, c in zip(np.split(model_input, 2), np.split(context, 2))])
                 if cfg:
                     uncond, cond = np.split(out, 2)
-                    out = uncond + np.float32(guidance_scale) * (cond - uncond)
+                    with np.errstate(over="ignore", invalid="ignore"):  # inf is caught after the loop
+                        out = uncond + np.float32(guidance_scale) * (cond - uncond)
                 step_noise = rnd.batch_noise(seeds, rnd.STEP, latent_shape, step=i) if sched.stochastic else None
                 x, state = sched.step(schedule, i, x, out, state, step_noise)
                 x = x.astype(np.float32, copy=False)
@@ -332,14 +336,13 @@ class Pipeline:
                     x = (1 - mask_latents) * known + mask_latents * x
                 bar.update(1)
                 if callback is not None and callback(n, len(steps), x) is False:
-                    bar.close()
                     log.info("generation cancelled by the callback after step %d of %d", n + 1, len(steps))
                     return GenerationResult([], seeds, [], timings, cancelled=True)
-        bar.close()
         if not np.isfinite(x).all():  # before the decoder, which would be blamed for it
+            dtype = model.export_manifest.get("dtype", "fp32")
             raise EdgediffError(f"the denoised latents hold inf/NaN (guidance_scale {guidance_scale:g}; usual values "
-                                "are 1 to 20): lower the guidance, and if that does not help, the UNet's "
-                                f"{model.export_manifest.get('dtype', '')} weights overflow: export with --dtype fp32")
+                                "are 1 to 20): lower the guidance" + ("" if dtype == "fp32" else
+                                f"; if that does not help, the UNet's {dtype} weights overflow: export with --dtype fp32"))
 
         # 6. Decode, one image at a time (the VAE decoder's activations are the largest of the run),
         # whole or in the plan's tiles; an fp16 decoder that overflows is re-run from its fp32 artifact.
@@ -475,17 +478,19 @@ def _negatives(negative_prompt, n: int) -> list[str]:
     return negatives
 
 
-def _size(width, height, init_image, model: ModelInfo) -> tuple[int, int]:
-    """As diffusers: an unset side is the init image's (rounded down to a multiple of the VAE's factor)
-    or the model's native size."""
-    f = model.vae_scale_factor
+def image_size(width, height, init_image, model: ModelInfo) -> tuple[int, int]:
+    """As diffusers: an unset side is the init image's or the model's native size. Sides are multiples of
+    the model's size_multiple (64 for SD, where diffusers asks 8: see ModelInfo), an init image's
+    rounded down to one."""
+    f = model.size_multiple
     sizes = []
     for name, value, k in (("width", width, 0), ("height", height, 1)):
         if value is None:  # 0 is a mistake, not "unset": it is refused below
-            value = init_image.size[k] // f * f if init_image is not None else model.native_size
+            value = max(f, init_image.size[k] // f * f) if init_image is not None else model.native_size
         value = arg.whole(name, value, f, MAX_SIDE, f" pixels (a multiple of {f})")
         if value % f:
-            raise EdgediffError(f"{name} {value} is not a multiple of {f}; try {max(f, round(value / f) * f)}")
+            raise EdgediffError(f"{name} {value} is not a multiple of {f}, which this model's UNet needs; "
+                                f"try {max(f, round(value / f) * f)}")
         sizes.append(value)
     return sizes[0], sizes[1]
 

@@ -66,8 +66,9 @@ def test_values_of_the_wrong_type_are_type_errors(pipe, name, value):
 
 
 @pytest.mark.parametrize("name, value, words", [
-    ("width", 0, "width must be from 8"), ("height", 0, "height must be from 8"), ("width", -64, "width"),
-    ("width", 38, "not a multiple of 8; try 40"), ("width", 10**9, "width must be from 8 to 16384"),
+    ("width", 0, "width must be from 16"), ("height", 0, "height must be from 16"), ("width", -64, "width"),
+    ("width", 44, "not a multiple of 16, which this model's UNet needs; try 48"),
+    ("width", 10**9, "width must be from 16 to 16384"),
     ("guidance_scale", float("nan"), "guidance_scale must be a finite number"),
     ("guidance_scale", float("inf"), "guidance_scale must be a finite number"),
     ("guidance_scale", -1.0, "guidance_scale must be at least 0"),
@@ -81,6 +82,23 @@ def test_out_of_range_values_are_refused(pipe, name, value, words):
     if name == "strength":
         args["image"] = Image.new("RGB", (32, 32))
     one_line_error(lambda: pipe("a cat", **args), words)
+
+
+def test_sides_the_unet_cannot_halve_are_refused_and_init_images_rounded_to_them(pipe):
+    """The built-in model's UNet halves its 1/8-size latents once: sides are multiples of 16. A side of 24
+    went into ONNX Runtime and failed there (a Concat of 1 and 2 columns), and so did an init image's."""
+    assert pipe.model.size_multiple == 16
+    one_line_error(lambda: pipe("a cat", **{**FAST, "width": 24}), "width 24 is not a multiple of 16")
+    one_line_error(lambda: pipe("a cat", **{**FAST, "height": 40}), "height 40 is not a multiple of 16")
+    result = pipe("a cat", image=Image.new("RGB", (40, 24)), strength=0.5, num_inference_steps=2, seed=1)
+    assert result.images[0].size == (32, 16)
+    result = pipe("a cat", image=Image.new("RGB", (8, 8)), strength=1.0, num_inference_steps=1, seed=1)
+    assert result.images[0].size == (16, 16)
+
+
+def test_a_backend_that_is_not_a_name_is_a_type_error(builtin_model):
+    one_line_error(lambda: edgediff.Pipeline.from_pretrained(builtin_model, backend=["cpu"]),
+                   "backend must be a backend's name", kind=EdgediffTypeError)
 
 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
@@ -247,3 +265,25 @@ def test_two_threads_get_the_pictures_each_would_get_alone(pipe):
     assert len(results) == 6
     for (k, r), image in results.items():
         assert np.array_equal(image, alone[k]), f"thread {k}, call {r}: not the picture it makes alone"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["plan", "--batch", "0"], "--batch must be from 1 to 1000, not 0"),
+    (["plan", "--width", "0"], "width must be from 16"),
+    (["plan", "--height", "40"], "height 40 is not a multiple of 16"),
+    (["plan", "--guidance", "nan"], "--guidance must be a finite number"),
+    (["plan", "--guidance", "-1"], "--guidance must be at least 0"),
+    (["generate", "a cat", "--batch", "1000000"], "--batch must be from 1 to 1000"),
+    (["generate", "a cat", "--width", "24"], "width 24 is not a multiple of 16"),
+])
+def test_the_command_line_refuses_what_the_api_refuses(builtin_model, tmp_path, capsys, argv, words):
+    """`plan` checks what `generate` checks (it planned batch 0 and width 0), and a huge --batch is
+    refused before a million output paths are checked (35 s)."""
+    from edgediff.cli import main
+
+    code = main([*argv, "--model", str(builtin_model)] + (["--out", str(tmp_path / "o.png")]
+                                                         if argv[0] == "generate" else []))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and lines[-1].startswith("edgediff: error:") and words in lines[-1], err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())

@@ -108,12 +108,12 @@ def test_unknown_scheduler_is_refused(tiny, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["generate", "x", "--model", "m", "--steps", "abc"], "edgediff generate: error: argument --steps: invalid int"),
-    (["generate", "--model", "m"], "edgediff generate: error: the following arguments are required: prompt"),
+    (["generate", "x", "--model", "m", "--steps", "abc"], "edgediff: error: argument --steps: invalid int"),
+    (["generate", "--model", "m"], "edgediff: error: the following arguments are required: prompt"),
     (["bogus"], "edgediff: error: argument command: invalid choice: 'bogus'"),
     ([], "edgediff: error: the following arguments are required: command"),
     (["export", "builtin", "--out", "x", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
-    (["bench", "compare"], "edgediff bench compare: error: the following arguments are required: reports"),
+    (["bench", "compare"], "edgediff: error: the following arguments are required: reports (see `edgediff bench compare --help`)"),
 ])
 def test_command_line_mistakes_are_one_line_without_the_usage_block(capsys, argv, words):
     with pytest.raises(SystemExit) as e:
@@ -149,6 +149,7 @@ def test_export_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no partial folder left
 
 
+@pytest.mark.slow
 def test_export_writes_optimum_layout(tiny, tmp_path, capsys):
     code, stdout, _ = run(capsys, "export", str(tiny("sd2")[0]), "--out", str(tmp_path / "o"))
     assert code == 0
