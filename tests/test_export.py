@@ -109,6 +109,7 @@ OPTIONS = [(kind, ExportOptions(dtype="fp16")) for kind in KINDS] + [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, options", OPTIONS, ids=lambda o: o if isinstance(o, str) else o.key())
 def test_export_options_pass_the_parity_gate(exports, tiny, kind, options):
     folder = exports(kind, options)
@@ -130,6 +131,7 @@ def test_export_options_pass_the_parity_gate(exports, tiny, kind, options):
     assert softmaxes > standard if options.attention == "sliced" else softmaxes == standard
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_fp16_pictures_are_close_to_fp32(exports, tiny, kind):
     """The issue's bar: at least 30 dB between the images of the fp16 and fp32 exports (CPU provider)."""
@@ -206,6 +208,40 @@ def test_fp16_vae_decoder_does_not_overflow(tiny, tmp_path):
     assert m["components"]["vae_decoder"]["fp32_nodes"] > 0
 
 
+@pytest.mark.slow
+def test_calibration_measures_what_onnx_runtimes_calibrator_measures(tiny):
+    """fp16's islands come from export/onnx_export._calibrate, a one-pass stand-in for ONNX Runtime's
+    MinMax calibrator (whose probe placement is quadratic): the same tensors, the same largest values."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    rng = np.random.default_rng(0)
+    cases = {"vae_decoder": {"latent_sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32)},
+             "unet": {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+                      "timestep": np.array([981.0, 981.0], np.float32),
+                      "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}}
+    for component, inputs in cases.items():
+        path = tiny("sd1")[1] / component / "model.onnx"
+        ours = ox._calibrate(path, inputs)
+
+        class One(CalibrationDataReader):
+            left = [inputs]
+
+            def get_next(self):
+                return self.left.pop() if self.left else None
+
+        calibrator = create_calibrator(path, augmented_model_path=path.with_name(".ort-calibrate.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax)
+        calibrator.collect_data(One())
+        theirs = {name: max(abs(float(np.min(r.range_value[0]))), abs(float(np.max(r.range_value[1]))))
+                  for name, r in calibrator.compute_data().data.items()}
+        theirs = {k: v for k, v in theirs.items() if v < 1e30}
+        path.with_name(".ort-calibrate.onnx").unlink()
+        assert len(ours) > 50 and ours.keys() == theirs.keys(), component
+        for name, value in ours.items():
+            assert value == pytest.approx(theirs[name], rel=1e-6, abs=1e-30), (component, name)
+        assert not any(p.name.startswith(".calibrate") for p in path.parent.iterdir())
+
+
 # -- the gate, the output folder, the disk --------------------------------------------------------
 
 def test_gate_failure_leaves_nothing(tiny, tmp_path, monkeypatch):
@@ -251,6 +287,7 @@ def test_unknown_options_are_refused():
         ExportOptions(attention="sliced", slices=3)
 
 
+@pytest.mark.slow
 def test_default_attention_is_one_fused_node_per_layer(exports, tiny):
     """The default export writes ONNX Runtime's MultiHeadAttention, one per attention layer, and no
     softmax of its own in the UNet; --attention standard keeps the plain graph, with the same outputs."""
@@ -271,13 +308,13 @@ def test_default_attention_is_one_fused_node_per_layer(exports, tiny):
     assert psnr(np.asarray(a), np.asarray(b)) >= 45.0
 
 
-def test_int8_export_quantizes_the_unet_only(tmp_path):
+@pytest.mark.slow
+def test_int8_export_quantizes_the_unet_only(builtin_model):
     """--dtype int8: the UNet's convolutions and matmuls get int8 weights, calibrated on generations; the
     rest stays fp32; the UNet passes its gate against the fp32 graph; the picture stays close."""
-    from edgediff.builtin import MODEL_DIR
+    from edgediff.export.sources import ensure_exported
 
-    out = tmp_path / "int8"
-    export_onnx(MODEL_DIR, out, ExportOptions(dtype="int8"), profile_memory=False)
+    out = ensure_exported("builtin", ExportOptions(dtype="int8"))  # shared with tests/test_semantic.py
     m = manifest(out)
     unet = m["components"]["unet"]
     assert m["dtype"] == "int8" and unet["dtype"] == "int8" and unet["psnr"] >= ox.MIN_PSNR["int8"]
@@ -288,8 +325,7 @@ def test_int8_export_quantizes_the_unet_only(tmp_path):
     convs = [n for n in graph.graph.node if n.op_type == "Conv"]
     assert len(int8_weights) >= len(convs) - 1  # every conv kernel (conv_in may be left fp32)
     assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
-    fp32 = tmp_path / "fp32"
-    export_onnx(MODEL_DIR, fp32, profile_memory=False)
+    fp32 = builtin_model
     args = dict(prompt="a red circle on a blue square", num_inference_steps=12, seed=3)
     a = Pipeline.from_pretrained(out, backend="cpu")(**args).images[0]
     b = Pipeline.from_pretrained(fp32, backend="cpu")(**args).images[0]
