@@ -49,6 +49,7 @@ def tiny_report(tmp_path_factory):
     return json.loads((tmp / "tiny.json").read_text()), out.getvalue(), tmp
 
 
+@pytest.mark.slow
 def test_tiny_protocol_against_diffusers(tiny_report):
     report, printed, _ = tiny_report
     assert TOP <= set(report), TOP - set(report)
@@ -101,6 +102,7 @@ def test_tiny_protocol_against_diffusers(tiny_report):
         assert rows["optimum"]["versions"]["optimum-onnx"]
 
 
+@pytest.mark.slow
 def test_same_latents_give_the_same_picture(tiny_report):
     report, _, _ = tiny_report
     images = {r["name"]: np.load(r["images"]) for r in report["rows"]}
@@ -108,6 +110,7 @@ def test_same_latents_give_the_same_picture(tiny_report):
     assert images["diffusers"].std() > 1.0  # not a flat picture: the PSNR means something
 
 
+@pytest.mark.slow
 def test_compare_renders_table_and_png(tiny_report, tmp_path, capsys):
     report, _, folder = tiny_report
     a, b = tmp_path / "monday.json", tmp_path / "tuesday.json"

@@ -58,6 +58,7 @@ def terminate(proc, log):
     return code
 
 
+@pytest.mark.slow
 def test_sigterm_during_export_leaves_nothing(tmp_path):
     proc, log = start(tmp_path, "export", "builtin", "--out", "X")
     try:

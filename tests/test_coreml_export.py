@@ -22,6 +22,8 @@ from coremltools.proto import MIL_pb2  # noqa: E402
 
 from edgediff.export.coreml_export import coreml_shapes, export_coreml  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Core ML conversion of every component
+
 SIZE = 64
 HIDDEN = 32  # TinySpec.text_width: CLIP's width = the UNet's cross-attention width
 SPECS = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import logging
 
 from PIL import Image
 
 from edgediff.cli import DEMO_CAPTIONS, main
+
+pytestmark = pytest.mark.slow  # the demo's own export and six generations
 
 
 def test_demo_exports_once_generates_and_reports(tmp_path, monkeypatch, capsys, caplog):

@@ -38,6 +38,8 @@ from edgediff.engine.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCO
 from edgediff.engine.metrics import psnr
 from edgediff.engine.model_folder import read_model_folder
 
+pytestmark = pytest.mark.slow  # a venv of its own and optimum's exports
+
 RUNNER = Path(__file__).with_name("optimum_run.py")
 # The bar. Measured: identical 8-bit images both ways, PNDM and Euler (B with the engine fix for
 # the scalar timestep, see test_optimum_export_runs_in_edgediff); tests/test_parity.py holds 60 dB.

@@ -158,16 +158,12 @@ def test_plan_bad_input_is_one_line(tiny, args, words):
 
 
 @pytest.fixture(scope="module")
-def builtin_onnx(tmp_path_factory):
-    from edgediff.builtin import MODEL_DIR
-    from edgediff.export.onnx_export import export_onnx
-
-    out = tmp_path_factory.mktemp("builtin-plan") / "onnx"
-    export_onnx(MODEL_DIR, out, name="builtin")
-    return out
+def builtin_onnx(builtin_model):
+    return builtin_model  # conftest's, exported once for the session
 
 
-def test_cpu_generates_under_a_budget_that_forces_the_lowest_plan(builtin_onnx):
+@pytest.mark.slow
+def test_cpu_generates_under_a_budget_that_forces_the_lowest_plan(builtin_onnx, tmp_path):
     """The real CPU backend, the built-in model at 512x512 (attention over 4096 latents makes it big):
     a budget just above the lowest rung's prediction; the measured peak must stay under it."""
     from edgediff.engine.model_folder import read_model_folder
@@ -186,7 +182,7 @@ def test_cpu_generates_under_a_budget_that_forces_the_lowest_plan(builtin_onnx):
     assert ladder["lowest"] == leanest < ladder["streamed"]
     budget = (leanest + min(v for v in ladder.values() if v > leanest)) // 2
     run = cli("generate", "a red circle", "--model", str(out), "--width", "512", "--height", "512", "--steps", "1",
-              "--seed", "1", "--backend", "cpu", "--budget", str(budget), "--out", str(out.parent / "p.png"))
+              "--seed", "1", "--backend", "cpu", "--budget", str(budget), "--out", str(tmp_path / "p.png"))
     assert run.returncode == 0, run.stderr
     first_leanest = next(k for k, v in ladder.items() if v == leanest)
     assert f"{first_leanest} plan on cpu" in run.stdout
@@ -217,6 +213,7 @@ def test_tiled_blending_is_exact_for_a_pointwise_decoder():
     np.testing.assert_allclose(tiled(down, x, 128, 64, 1 / 8), down(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fp16_decoder_overflow_is_rerun_in_fp32(tiny, tmp_path):
     """An fp16 decoder that overflows (built by ONNX Runtime's plain conversion of a VAE whose residual
     stream exceeds 65504) is re-run from the fp32 graph the export keeps, and the result says so."""
@@ -336,6 +333,7 @@ def test_tiled_decode_of_512_is_35_db_against_the_whole(builtin_onnx):
     assert _db(blended, reference) < 30.0
 
 
+@pytest.mark.slow
 def test_pipeline_decodes_in_split_tiles_when_planned(builtin_onnx, monkeypatch):
     """The generation path: a plan with split tiles decodes through head and tail, close to whole."""
     from dataclasses import replace

@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from edgediff import Pipeline
+
+pytestmark = pytest.mark.slow  # a venv without torch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -61,6 +61,7 @@ def test_clip_preprocessing_matches_transformers(size):
     assert np.abs(got - want).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_flagged_images_are_blacked_and_reported(tiny, tmp_path, capsys):
     """Concept 0's threshold is set between the images' scores, so about half of a batch is flagged;
     edgediff must flag exactly the images diffusers' PyTorch checker flags."""

@@ -13,19 +13,16 @@ import pytest
 from PIL import Image
 
 from edgediff import Pipeline
-from edgediff.builtin import MODEL_DIR
 from edgediff.builtin.evaluate import evaluate, evaluation_scenes
 from edgediff.builtin.scenes import COLOURS, POSITIONS, Scene, judge, render
 from edgediff.export.onnx_export import ExportOptions
 
+pytestmark = pytest.mark.slow  # hundreds of 20-step generations with the built-in model
+
 
 @pytest.fixture(scope="session")
-def builtin(tmp_path_factory) -> Pipeline:
-    from edgediff.export.onnx_export import export_onnx
-
-    out = tmp_path_factory.mktemp("builtin") / "onnx"
-    export_onnx(MODEL_DIR, out, name="builtin")
-    return Pipeline.from_pretrained(out, backend="cpu")
+def builtin(builtin_model) -> Pipeline:
+    return Pipeline.from_pretrained(builtin_model, backend="cpu")  # conftest's export, made once
 
 
 def test_fifty_captions_with_the_default_scheduler(builtin):
@@ -100,12 +97,11 @@ def test_the_checks_catch_a_wrong_vae_scaling_factor(builtin):
 @pytest.mark.parametrize("options", [ExportOptions(dtype="fp16"), ExportOptions(attention="sliced"),
                                      ExportOptions(dtype="int8")],
                          ids=lambda o: o.key())
-def test_other_export_options_still_draw_the_captions(tmp_path_factory, options):
+def test_other_export_options_still_draw_the_captions(options):
     """fp16 (fragile parts kept fp32), sliced attention and the int8 UNet must not cost meaning:
     the default scheduler's bar on 20 captions, as for the default export."""
-    from edgediff.export.onnx_export import export_onnx
+    from edgediff.export.sources import ensure_exported
 
-    out = tmp_path_factory.mktemp("builtin-options") / "onnx"
-    export_onnx(MODEL_DIR, out, options, name="builtin", profile_memory=False)
+    out = ensure_exported("builtin", options)  # the session's cache: tests/test_export.py's int8 test shares it
     result = evaluate(Pipeline.from_pretrained(out, backend="cpu"), steps=20, count=20)
     assert result.rate >= SCHEDULER_BARS["euler"], result.failures

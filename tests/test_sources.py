@@ -30,6 +30,7 @@ def weights(folder, component) -> dict:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_single_file_exports_the_same_graphs_as_the_folder(tiny, tmp_path, kind):
     src, from_folder = tiny(kind)
@@ -44,15 +45,17 @@ def test_single_file_exports_the_same_graphs_as_the_folder(tiny, tmp_path, kind)
         assert all(np.array_equal(a[k], b[k]) for k in a), component
 
 
-def test_single_file_fp16_sliced_passes_the_gate(tiny, tmp_path):
+@pytest.mark.slow
+def test_single_file_sliced_passes_the_gate(tiny, tmp_path):
     """Options reach the export from a single file too. One kind: the test above shows that every kind's
     single file gives the folder's graphs, and tests/test_export.py gates each option from folders."""
     kind = "inpaint"
     src = tiny(kind)[0]
     single = folder_to_single_file(src, tmp_path / f"{kind}.safetensors", open_clip=kind == "sd2")
-    m = export_model(single, tmp_path / "o", ExportOptions(dtype="fp16", attention="sliced", slices=4), config=src)
-    assert all(c["psnr"] is None or c["psnr"] >= 35 for c in m["components"].values())
-    assert (m["dtype"], m["attention"], m["slices"]) == ("fp16", "sliced", 4)
+    # fp32: an fp16 export costs 50 s more here, and tests/test_export.py gates fp16 for every kind
+    m = export_model(single, tmp_path / "o", ExportOptions(attention="sliced", slices=4), config=src)
+    assert all(c["psnr"] is None or c["psnr"] >= 60 for c in m["components"].values())
+    assert (m["dtype"], m["attention"], m["slices"]) == ("fp32", "sliced", 4)
 
 
 def test_generate_exports_a_source_once_then_reuses_it(tiny, tmp_path, monkeypatch, capsys):

@@ -6,9 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
+
 from safetensors.numpy import load_file
 
 from edgediff.builtin.train import Recipe, train
+
+pytestmark = pytest.mark.slow  # two short trainings
 
 TINY = dataclasses.replace(Recipe(), train_scenes=256, vae_steps=6, vae_batch=4, unet_steps=6, unet_batch=8,
                            warmup=2)
