@@ -79,8 +79,8 @@ def broken_models(tiny, tmp_path):
 @pytest.mark.parametrize("case, extra, words", [
     ("missing", [], ["unet/model.onnx", "export"]),
     ("corrupt", [], ["vae_decoder/model.onnx", "not a valid ONNX model"]),
-    ("width", ["--width", "100"], ["width 100", "multiple of 8"]),
-    ("height", ["--height", "65"], ["height 65", "multiple of 8"]),
+    ("width", ["--width", "100"], ["width 100", "not a multiple of 16"]),
+    ("height", ["--height", "65"], ["height 65", "not a multiple of 16"]),
     ("steps", ["--steps", "0"], ["num_inference_steps must be from 1 to 1000, not 0"]),
     ("image", ["--init-image", "NOFILE.png"], ["init image", "NOFILE.png"]),
     ("mask", ["--init-image", "IN.png", "--mask", "BAD.png"], ["mask", "BAD.png"]),
