@@ -58,6 +58,7 @@ def test_single_file_sliced_passes_the_gate(tiny, tmp_path):
     assert (m["dtype"], m["attention"], m["slices"]) == ("fp32", "sliced", 4)
 
 
+@pytest.mark.slow
 def test_generate_exports_a_source_once_then_reuses_it(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDGEDIFF_CACHE", str(tmp_path / "cache"))
     src = tiny("sd1")[0]
@@ -78,6 +79,7 @@ def test_generate_exports_a_source_once_then_reuses_it(tiny, tmp_path, monkeypat
     assert np.array_equal(np.asarray(by_hand.images[0]), np.asarray(Image.open(tmp_path / "a.png")))
 
 
+@pytest.mark.slow
 def test_cache_key_follows_content_and_options(tiny, tmp_path, monkeypatch):
     import shutil
 
@@ -92,6 +94,7 @@ def test_cache_key_follows_content_and_options(tiny, tmp_path, monkeypatch):
     assert ensure_exported(src) != fp32
 
 
+@pytest.mark.slow
 def test_hub_id_is_downloaded_then_exported(tiny, tmp_path, monkeypatch):
     import huggingface_hub
 
