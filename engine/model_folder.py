@@ -74,14 +74,8 @@ def read_model_folder(path: str | Path) -> ModelInfo:
     sample_size = unet.get("sample_size", DEFAULT_SAMPLE_SIZE)
     if isinstance(sample_size, (list, tuple)) and sample_size:
         sample_size = sample_size[0]
-    blocks = vae.get("block_out_channels") or [0] * 4  # SD's four blocks: 8 pixels per latent
-    if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
-        raise EdgediffError(f"{vae_file}: block_out_channels is {blocks!r}, not a list of the VAE's block widths; "
-                            "export the model again")
-    unet_blocks = unet.get("block_out_channels") or [0] * 4  # SD's four blocks: three downsamplings
-    if not isinstance(unet_blocks, list) or not 1 <= len(unet_blocks) <= 8:
-        raise EdgediffError(f"{unet_file}: block_out_channels is {unet_blocks!r}, not a list of the UNet's block "
-                            "widths; export the model again")
+    vae_factor = 2 ** (_blocks(vae_file, vae, "VAE") - 1)  # pixels per latent: 8 for SD
+    unet_factor = 2 ** (_blocks(unet_file, unet, "UNet") - 1)  # the UNet's downsamplings: 8 for SD
     manifest = _config(path / "edgediff.json")
     _check_manifest(path / "edgediff.json", manifest)
     name = manifest.get("name") or path.resolve().name
@@ -94,13 +88,23 @@ def read_model_folder(path: str | Path) -> ModelInfo:
         name=str(name),
         unet_in_channels=_number(unet_file, "in_channels", unet.get("in_channels", LATENT_CHANNELS), (4, 9)),
         sample_size=_number(unet_file, "sample_size", sample_size, range(1, 1025)),
-        vae_scale_factor=2 ** (len(blocks) - 1),
-        size_multiple=2 ** (len(blocks) - 1) * 2 ** (len(unet_blocks) - 1),
+        vae_scale_factor=vae_factor,
+        size_multiple=vae_factor * unet_factor,
         scaling_factor=_number(vae_file, "scaling_factor", vae.get("scaling_factor", VAE_SCALING_FACTOR), None),
         scheduler_config=scheduler_config,
         scheduler_class=str(scheduler_raw.get("_class_name", "")),
         export_manifest=manifest,
     )
+
+
+def _blocks(file: Path, config: dict, what: str) -> int:
+    """How many blocks a VAE's or UNet's config.json lists (SD's four when it says nothing): each but the
+    last halves the resolution."""
+    blocks = config.get("block_out_channels") or [0] * 4
+    if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
+        raise EdgediffError(f"{file}: block_out_channels is {blocks!r}, not a list of the {what}'s block widths; "
+                            "export the model again")
+    return len(blocks)
 
 
 def _number(file: Path, key: str, value, allowed):
