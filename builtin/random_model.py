@@ -8,6 +8,12 @@ downsampling, cross-attention, CFG-ready text encoder), in three kinds:
 - "sd2": SD 2.x (768-v) layout: linear projections, per-block head dims, gelu CLIP, "!" padding,
   v-prediction with a DDIM config, attention upcast.
 - "inpaint": "sd1" with the 9-channel UNet input of the inpainting checkpoints.
+- "sdxl": SDXL's layout: two text encoders of different widths (CLIP with quick_gelu and
+  end-of-text padding, then a projecting OpenCLIP-style one with gelu and "!" padding), their
+  penultimate states concatenated as the UNet's context, the pooled projection and six micro-
+  conditioning numbers as its added "text_time" conditioning, several transformer layers per block,
+  the SDXL VAE's scaling factor, and the Euler config SDXL ships.
+- "sdxl-inpaint": "sdxl" with the 9-channel UNet input.
 
 Building needs torch, diffusers and transformers (the `export` extra). The weights are random: the
 pictures are noise, which is all the parity tests need. A trained built-in model is issue 3's work.
@@ -25,11 +31,19 @@ from pathlib import Path
 from ..export.single_file import SD1_SCHEDULER, SD2_SCHEDULER
 from .vocab import write_tokenizer
 
-KINDS = ("sd1", "sd2", "inpaint")
+KINDS = ("sd1", "sd2", "inpaint", "sdxl", "sdxl-inpaint")
 
 # The scheduler configs exactly as the SD 1.5 and SD 2.1 repositories ship them.
 SD1_SCHEDULER_CONFIG = SD1_SCHEDULER
 SD2_SCHEDULER_CONFIG = SD2_SCHEDULER
+# stabilityai/stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+    "use_karras_sigmas": False,
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,8 @@ def build_random_model(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
 
     if spec.kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {spec.kind!r}; use one of {', '.join(KINDS)}")
+    if spec.kind.startswith("sdxl"):
+        return _build_sdxl(Path(out), spec)
     out = Path(out)
     sd2 = spec.kind == "sd2"
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
@@ -98,6 +114,67 @@ def build_random_model(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
         # diffusers, without `timestep_spacing`, so every scheduler falls back to its own default.
         (model_dir / "scheduler" / "scheduler_config.json").write_text(
             json.dumps(SD2_SCHEDULER_CONFIG if sd2 else SD1_SCHEDULER_CONFIG, indent=2))
+        card = {"kind": spec.kind, "seed": spec.seed, "weights": "random", "built_by": "edgediff.builtin"}
+        (model_dir / "edgediff_model.json").write_text(json.dumps(card, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(model_dir, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build_sdxl(out: Path, spec: TinySpec) -> Path:
+    """The tiny SDXL: see the module's docstring. The widths differ (text 32 and 48, projection 40) so
+    that a mix-up of the two encoders, or of hidden and pooled outputs, fails on shapes."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        tokenizers, encoders = [], []
+        for i, (width, pad, act) in enumerate(((spec.text_width, "<|endoftext|>", "quick_gelu"),
+                                               (48, "!", "gelu"))):
+            vocab_size = write_tokenizer(tmp / f"_tokenizer{i}", pad_token=pad)
+            tokenizer = CLIPTokenizer.from_pretrained(tmp / f"_tokenizer{i}")
+            torch.manual_seed(spec.seed + i)
+            config = CLIPTextConfig(
+                vocab_size=vocab_size, hidden_size=width, intermediate_size=37, num_hidden_layers=3,
+                num_attention_heads=4, max_position_embeddings=77, projection_dim=40, hidden_act=act,
+                layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+            tokenizers.append(tokenizer)
+            encoders.append((CLIPTextModel if i == 0 else CLIPTextModelWithProjection)(config))
+        torch.manual_seed(spec.seed)
+        c = spec.unet_channels
+        time_dim = 8
+        unet = UNet2DConditionModel(
+            sample_size=spec.sample_size, in_channels=9 if spec.kind == "sdxl-inpaint" else 4, out_channels=4,
+            block_out_channels=c, layers_per_block=1, norm_num_groups=min(32, c[0]),
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(c) - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (len(c) - 1) + ("UpBlock2D",),
+            transformer_layers_per_block=tuple(range(1, len(c) + 1)),  # SDXL: 1, 2, 10
+            cross_attention_dim=spec.text_width + 48, attention_head_dim=tuple(2 * (i + 1) for i in range(len(c))),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + 40,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=spec.sample_size * 8, scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+        cls = StableDiffusionXLInpaintPipeline if spec.kind == "sdxl-inpaint" else StableDiffusionXLPipeline
+        extra = {"requires_aesthetics_score": False} if spec.kind == "sdxl-inpaint" else {}
+        pipe = cls(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
+                   tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                   **extra)
+        model_dir = tmp / "model"
+        pipe.save_pretrained(model_dir, safe_serialization=True)
+        (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER_CONFIG, indent=2))
         card = {"kind": spec.kind, "seed": spec.seed, "weights": "random", "built_by": "edgediff.builtin"}
         (model_dir / "edgediff_model.json").write_text(json.dumps(card, indent=2))
         if out.exists():
