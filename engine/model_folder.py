@@ -12,19 +12,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .components import TEXT_ENCODER, UNET, VAE_DECODER, ComponentSpec
+from .components import UNET, ComponentSpec
 from .errors import EdgediffError
+from .families import Family, by_name, recognise
 from .schedulers.base import SchedulerConfig
 
-VAE_SCALING_FACTOR = 0.18215  # SD 1.x and 2.x; the VAE's config.json says so where it has the key
 LATENT_CHANNELS = 4
-DEFAULT_SAMPLE_SIZE = 64  # SD 1.x: 64 latents = 512 pixels
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     path: Path
     name: str
+    family: Family  # engine/families.py: its components and how prompts become conditioning
     unet_in_channels: int  # 4, or 9 for inpainting checkpoints (latents + mask + masked-image latents)
     sample_size: int  # the UNet's native latent size
     vae_scale_factor: int  # pixels per latent (8 for SD)
@@ -36,6 +36,9 @@ class ModelInfo:
     scheduler_config: SchedulerConfig
     scheduler_class: str  # diffusers class named in scheduler_config.json, to pick the default
     export_manifest: dict  # edgediff.json (dtype, attention, parity); empty for optimum's folders
+    # model_index.json's force_zeros_for_empty_prompt, else the family's: an unset negative prompt is
+    # zero conditioning rather than the encoded ""
+    zeros_for_empty_negative: bool = False
 
     @property
     def native_size(self) -> int:
@@ -59,25 +62,33 @@ def read_model_folder(path: str | Path) -> ModelInfo:
     if (path / "unet" / "diffusion_pytorch_model.safetensors").exists() and not (path / UNET.onnx_path).exists():
         raise EdgediffError(f"{path} is a diffusers (PyTorch) folder; export it first: "
                             f"edgediff export {path} --out {path.name}-onnx")
-    for spec in (TEXT_ENCODER, UNET, VAE_DECODER):
+    unet_file, vae_file = path / "unet" / "config.json", path / "vae_decoder" / "config.json"
+    unet, vae = _config(unet_file), _config(vae_file)
+    manifest = _config(path / "edgediff.json")
+    _check_manifest(path / "edgediff.json", manifest)
+    # The export names the family; optimum's folders are recognised from their UNet's config.
+    family = by_name(manifest["family"], str(path / "edgediff.json")) if "family" in manifest \
+        else recognise(unet, str(unet_file))
+    for spec in family.required:
         if not (path / spec.onnx_path).is_file():
-            raise EdgediffError(f"model folder {path} has no {spec.onnx_path}; "
-                                "export the model again with `edgediff export`")
-    for required in ("tokenizer", "scheduler/scheduler_config.json"):
+            raise EdgediffError(f"model folder {path} has no {spec.onnx_path}, which a {family.title} model "
+                                "needs; export the model again with `edgediff export`")
+    for required in (*family.tokenizers, "scheduler/scheduler_config.json"):
         if not (path / required).exists():
             raise EdgediffError(f"model folder {path} has no {required}; export the model again")
 
-    unet_file, vae_file = path / "unet" / "config.json", path / "vae_decoder" / "config.json"
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    unet, vae = _config(unet_file), _config(vae_file)
     scheduler_raw = _config(scheduler_file, required=True)
-    sample_size = unet.get("sample_size", DEFAULT_SAMPLE_SIZE)
+    index = _config(path / "model_index.json")
+    zeros = index.get("force_zeros_for_empty_prompt", family.zeros_for_empty_negative)
+    if not isinstance(zeros, bool):
+        raise EdgediffError(f"{path / 'model_index.json'}: force_zeros_for_empty_prompt is {zeros!r}, not true or "
+                            "false; fix the file or export the model again")
+    vae_factor = 2 ** (_blocks(vae_file, vae, "VAE") - 1)  # pixels per latent: 8 for SD
+    sample_size = unet.get("sample_size", family.native_size // vae_factor)
     if isinstance(sample_size, (list, tuple)) and sample_size:
         sample_size = sample_size[0]
-    vae_factor = 2 ** (_blocks(vae_file, vae, "VAE") - 1)  # pixels per latent: 8 for SD
     unet_factor = 2 ** (_blocks(unet_file, unet, "UNet") - 1)  # the UNet's downsamplings: 8 for SD
-    manifest = _config(path / "edgediff.json")
-    _check_manifest(path / "edgediff.json", manifest)
     name = manifest.get("name") or path.resolve().name
     try:
         scheduler_config = SchedulerConfig.from_dict(scheduler_raw)
@@ -86,14 +97,16 @@ def read_model_folder(path: str | Path) -> ModelInfo:
     return ModelInfo(
         path=path,
         name=str(name),
+        family=family,
         unet_in_channels=_number(unet_file, "in_channels", unet.get("in_channels", LATENT_CHANNELS), (4, 9)),
         sample_size=_number(unet_file, "sample_size", sample_size, range(1, 1025)),
         vae_scale_factor=vae_factor,
         size_multiple=vae_factor * unet_factor,
-        scaling_factor=_number(vae_file, "scaling_factor", vae.get("scaling_factor", VAE_SCALING_FACTOR), None),
+        scaling_factor=_number(vae_file, "scaling_factor", vae.get("scaling_factor", family.scaling_factor), None),
         scheduler_config=scheduler_config,
         scheduler_class=str(scheduler_raw.get("_class_name", "")),
         export_manifest=manifest,
+        zeros_for_empty_negative=zeros,
     )
 
 
@@ -131,7 +144,7 @@ def _check_manifest(file: Path, manifest: dict) -> None:
     if not isinstance(components, dict) or not all(isinstance(c, dict) for c in components.values()):
         raise EdgediffError(f"{file}: 'components' must map each component's name to its record; "
                             "export the model again")
-    for key in ("name", "dtype", "attention"):
+    for key in ("name", "dtype", "attention", "family"):
         if key in manifest and not isinstance(manifest[key], str):
             raise EdgediffError(f"{file}: '{key}' must be a string, not {manifest[key]!r}; export the model again")
     for component, record in components.items():

@@ -28,8 +28,8 @@ from . import arguments as arg
 from . import noise as rnd
 from .plan import Plan, Request, make_plan, parse_budget
 from .tiling import shared_stats_decode, tiled
-from .components import (COMPONENTS, FP32_FALLBACK, HIDDEN_SCALE, SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER,
-                         VAE_DECODER_HEAD, VAE_DECODER_TAIL, VAE_ENCODER, ComponentSpec)
+from .components import (COMPONENTS, FP32_FALLBACK, HIDDEN_SCALE, SAFETY_CHECKER, VAE_DECODER, VAE_DECODER_HEAD,
+                         VAE_DECODER_TAIL, VAE_ENCODER, ComponentSpec)
 from .errors import EdgediffError, EdgediffTypeError
 from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
 from .model_folder import LATENT_CHANNELS, ModelInfo, read_model_folder
@@ -85,12 +85,13 @@ class Pipeline:
     """A model on a backend, ready to generate. Thread-safe: calls from several threads run one at a time
     (each waits for the pipeline's lock) and each gets the pictures it would get alone."""
 
-    def __init__(self, model: ModelInfo, backend, device, tokenizer: ClipTokenizer, safety_checker: bool = True,
-                 memory_budget: str | int | None = None):
+    def __init__(self, model: ModelInfo, backend, device, tokenizers: tuple[ClipTokenizer, ...],
+                 safety_checker: bool = True, memory_budget: str | int | None = None):
         self.model = model
         self.backend = backend
         self.device = device
-        self.tokenizer = tokenizer
+        self.tokenizers = tuple(tokenizers)  # one per text encoder of the family, in its order
+        self.tokenizer = self.tokenizers[0]
         # on when the model ships a safety checker, as in diffusers; off by the user's choice only
         self.safety_checker = safety_checker and model.has(SAFETY_CHECKER)
         self.memory_budget = parse_budget(memory_budget)  # None: the planner's default, capped by free memory
@@ -121,15 +122,15 @@ class Pipeline:
             path = ensure_exported(path)
         model = read_model_folder(path)
         chosen, device = select(backend)
-        pipe = cls(model, chosen, device, ClipTokenizer.from_folder(model.path / "tokenizer"), safety_checker,
-                   memory_budget)
+        tokenizers = tuple(ClipTokenizer.from_folder(model.path / t) for t in model.family.tokenizers)
+        pipe = cls(model, chosen, device, tokenizers, safety_checker, memory_budget)
         # Plan the native size now: a model that cannot fit is refused before anything is loaded, and
         # the resident components are loaded here, so a broken file fails now, not mid-run.
         try:
             pipe.plan = pipe.make_plan(Request(model.native_size, model.native_size))
         except EdgediffError:
             return pipe  # the native size does not fit this budget; a smaller request may: plan per call
-        for spec in (TEXT_ENCODER, UNET, VAE_DECODER):
+        for spec in (*model.family.required, VAE_DECODER):
             if spec.name in pipe.plan.resident:
                 pipe._session(spec)
         return pipe
@@ -147,7 +148,7 @@ class Pipeline:
 
             limit = self.plan.session_memory_limit if self.plan else None
             path = self.model.component(spec)
-            if spec.name == UNET.name and self.plan is not None and self.plan.needs_export:
+            if spec is self.model.family.unet and self.plan is not None and self.plan.needs_export:
                 path = self._variant(self.plan.needs_export) / spec.onnx_path
             backend, device = self.backend, self.device
             if self.plan is not None and spec.name in self.plan.on_host:
@@ -223,13 +224,41 @@ class Pipeline:
         latents: np.ndarray | None = None,
         callback: Callable[[int, int, np.ndarray], bool | None] | None = None,
         progress: bool = False,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> GenerationResult:
+        """Generate. The arguments are diffusers' StableDiffusion(XL)Pipeline's. Models with two text
+        encoders (SDXL) also take `prompt_2` and `negative_prompt_2` (for the second encoder; default: the
+        first's) and the micro-conditioning sizes, (height, width) in pixels, as diffusers: original and
+        target size default to the output size, the crop corner to (0, 0), the negative ones to these."""
         timings: dict[str, float] = {}
         model = self.model
+        family = model.family
 
         # 1. Check inputs and settle sizes, seeds and the schedule.
         prompts = arg.texts("prompt", prompt)
         negatives = _negatives(negative_prompt, len(prompts))
+        sdxl_only = {"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2, "original_size": original_size,
+                     "target_size": target_size, "negative_original_size": negative_original_size,
+                     "negative_crops_coords_top_left": negative_crops_coords_top_left,
+                     "negative_target_size": negative_target_size,
+                     "crops_coords_top_left": None if tuple(crops_coords_top_left or (0, 0)) == (0, 0) else 1}
+        given = [k for k, v in sdxl_only.items() if v is not None]
+        if given and len(family.text_encoders) < 2 and not family.micro_conditioning:
+            raise EdgediffError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for SDXL models, and "
+                                f"{model.name} is a {family.title} model; leave {'it' if len(given) == 1 else 'them'} "
+                                "out, or use an SDXL model")
+        prompts_2 = prompts if prompt_2 is None else _per_prompt("prompt_2", prompt_2, len(prompts))
+        negatives_2 = negatives if negative_prompt_2 is None else \
+            _per_prompt("negative_prompt_2", negative_prompt_2, len(prompts))
+        # diffusers: no negative prompt at all means zero conditioning for the families that say so
+        zero_negative = negative_prompt is None and model.zeros_for_empty_negative
         if scheduler is not None and not isinstance(scheduler, str):
             raise EdgediffTypeError(f"scheduler must be a scheduler's name, not {type(scheduler).__name__}")
         scheduler_name = scheduler or self.default_scheduler()
@@ -272,10 +301,19 @@ class Pipeline:
         gc.collect()
         _reset_peak_memory()
 
-        # 3. Text: tokens -> embeddings, unconditional first as diffusers batches them.
+        # 3. Text: tokens -> the UNet's conditioning, unconditional first as diffusers batches them:
+        # encoder_hidden_states (2B or B, 77, D), and for SDXL text_embeds (2B or B, P), time_ids (2B or B, 6).
         with _timed(timings, "text_encoder"):
-            context = self._encode_text(prompts, negatives if cfg else None,
-                                        num_images_per_prompt)  # (2B or B, 77, D)
+            cond = self._encode_text((prompts, prompts_2), (negatives, negatives_2) if cfg else None,
+                                     zero_negative, num_images_per_prompt)
+            if family.micro_conditioning:
+                size = (height, width)
+                ids = _time_ids("", original_size or size, crops_coords_top_left, target_size or size)
+                negative_ids = _time_ids("negative_", negative_original_size or original_size or size,
+                                         negative_crops_coords_top_left or crops_coords_top_left,
+                                         negative_target_size or target_size or size)
+                rows = [negative_ids] * batch * cfg + [ids] * batch
+                cond["time_ids"] = np.array(rows, dtype=np.float32)  # (2B or B, 6)
 
         # 4. Initial latents: noise for txt2img; the encoded image noised to the first step otherwise.
         noise = latents if latents is not None else rnd.batch_noise(seeds, rnd.INITIAL, latent_shape)
@@ -306,9 +344,12 @@ class Pipeline:
         state = None
         steps = range(start, len(schedule))
         bar = _progress(len(steps), progress)
-        with self._using(UNET) as unet, closing(bar):  # the bar ends its line even when a step raises
-            if plan.cfg_batched:  # the same text embeddings every step: on a GPU, sent to it once (IO binding)
-                unet.keep("encoder_hidden_states", context)
+        with self._using(family.unet) as unet, closing(bar):  # the bar ends its line even when a step raises
+            if plan.cfg_batched:  # the same conditioning every step: on a GPU, sent to it once (IO binding)
+                for name, value in cond.items():
+                    unet.keep(name, value)
+            halves = [dict(zip(cond, parts)) for parts in zip(*(np.split(v, 2) for v in cond.values()))] \
+                if not plan.cfg_batched else None
             for n, i in enumerate(steps):
                 model_input = np.concatenate([x, x]) if cfg else x  # (2B, 4, h, w)
                 model_input = sched.scale_model_input(schedule, i, model_input)
@@ -319,8 +360,8 @@ class Pipeline:
                     if plan.cfg_batched:
                         out = unet.run(sample=model_input, timestep=t)["out_sample"]
                     else:  # the plan halves the UNet's activations: uncond, then cond
-                        out = np.concatenate([unet.run(sample=half, timestep=t[:batch], encoder_hidden_states=c)["out_sample"]
-                                              for half, c in zip(np.split(model_input, 2), np.split(context, 2))])
+                        out = np.concatenate([unet.run(sample=half, timestep=t[:batch], **c)["out_sample"]
+                                              for half, c in zip(np.split(model_input, 2), halves)])
                 if cfg:
                     uncond, cond = np.split(out, 2)
                     with np.errstate(over="ignore", invalid="ignore"):  # inf is caught after the loop
@@ -422,17 +463,33 @@ class Pipeline:
                             "(turn the checker off with --no-safety-checker / safety_checker=False)", k + 1)
         return [Image.new("RGB", im.size) if f else im for im, f in zip(images, flagged)], flagged
 
-    def _encode_text(self, prompts: list[str], negatives: list[str] | None, per_prompt: int) -> np.ndarray:
-        texts = prompts if negatives is None else negatives + prompts
-        encoded = self.tokenizer.encode(texts)
-        for text, dropped in zip(texts, encoded.dropped):
-            if dropped:
-                log.warning("prompt truncated: CLIP reads %d tokens, the last %d of %r were dropped",
-                            self.tokenizer.max_length - 2, dropped, text[:60])
-        with self._using(TEXT_ENCODER) as text_encoder:
-            hidden = text_encoder.run(input_ids=encoded.ids)["last_hidden_state"]
-        # Each prompt's embedding repeated for its images, consecutively (diffusers' order).
-        return np.repeat(hidden.astype(np.float32, copy=False), per_prompt, axis=0)
+    def _encode_text(self, prompts: tuple[list[str], ...], negatives: tuple[list[str], ...] | None,
+                     zero_negative: bool, per_prompt: int) -> dict[str, np.ndarray]:
+        """The UNet's text conditioning, as the family's record says (engine/families.py): each text
+        encoder's context output, concatenated; the pooled output of the one that has it. `prompts` and
+        `negatives` give each encoder's texts (SDXL's second encoder reads prompt_2); a zero negative is
+        zeros in place of the encoded negatives (diffusers' force_zeros_for_empty_prompt)."""
+        contexts, pooled = [], None
+        for use, tokenizer, texts, negative in zip(self.model.family.text_encoders, self.tokenizers, prompts,
+                                                   negatives or [None] * len(prompts)):
+            texts = texts if negative is None or zero_negative else negative + texts
+            encoded = tokenizer.encode(texts)
+            for text, dropped in zip(texts, encoded.dropped):
+                if dropped:
+                    log.warning("prompt truncated: CLIP reads %d tokens, the last %d of %r were dropped",
+                                tokenizer.max_length - 2, dropped, text[:60])
+            with self._using(use.spec) as encoder:
+                out = encoder.run(input_ids=encoded.ids)
+            contexts.append(out[use.context].astype(np.float32, copy=False))
+            if use.pooled:
+                pooled = out[use.pooled].astype(np.float32, copy=False)
+        cond = {"encoder_hidden_states": np.concatenate(contexts, axis=-1)}  # (rows, 77, D)
+        if pooled is not None:
+            cond["text_embeds"] = pooled  # (rows, P)
+        if negatives is not None and zero_negative:
+            cond = {k: np.concatenate([np.zeros_like(v), v]) for k, v in cond.items()}
+        # Each prompt's conditioning repeated for its images, consecutively (diffusers' order).
+        return {k: np.repeat(v, per_prompt, axis=0) for k, v in cond.items()}
 
     def _encode_image(self, pixels: np.ndarray, seeds: list[int], purpose: int) -> np.ndarray:
         """Posterior sample of the VAE encoder, scaled, one per image: mean + std * noise(seed)."""
@@ -465,6 +522,28 @@ class _Lease:
         if self.session is None:
             raise RuntimeError("this component's session was freed when its stage ended")
         return getattr(self.session, name)
+
+
+def _per_prompt(name: str, value, n: int) -> list[str]:
+    """A text given once for all prompts, or one per prompt."""
+    texts = arg.texts(name, value)
+    if isinstance(value, str):
+        return texts * n
+    if len(texts) != n:
+        raise EdgediffError(f"{len(texts)} {name} texts for {n} prompts; give one per prompt")
+    return texts
+
+
+def _time_ids(prefix: str, original, crop, target) -> list[float]:
+    """SDXL's micro-conditioning: original size, crop corner and target size, each (height, width) or
+    (top, left) in pixels, as six numbers."""
+    values = []
+    for name, pair in ((f"{prefix}original_size", original), (f"{prefix}crops_coords_top_left", crop),
+                       (f"{prefix}target_size", target)):
+        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+            raise EdgediffTypeError(f"{name} must be two whole numbers (height, width) in pixels, not {pair!r}")
+        values += [arg.whole(name, v, 0, MAX_SIDE, " pixels") for v in pair]
+    return [float(v) for v in values]
 
 
 def _negatives(negative_prompt, n: int) -> list[str]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import EdgediffError, EdgediffTypeError
+from .families import SD1
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -175,7 +176,6 @@ RUNGS = (  # name, cfg batched, streamed, tiled VAE, sliced attention
     ("streamed-lean", False, True, True, False),
     ("lowest", False, True, True, True),
 )
-HOST_COMPONENTS = ("text_encoder", "safety_checker")
 SLICES = 16  # the lowest rung's query slices at the UNet's top level (export/attention.py)
 
 
@@ -226,10 +226,12 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         decode, margin, decode_detail = _split_decode(parts, request, f, tile)
     decoder = SPLIT_DECODER if margin else ("vae_decoder",)
 
-    order = ["text_encoder"] + (["vae_encoder"] if request.img2img else []) + ["unet", "vae_decoder"] \
+    family = getattr(model, "family", SD1)  # a model described by hand (tools, tests) without one is SD 1.x
+    texts = [t.spec.name for t in family.text_encoders]
+    order = texts + (["vae_encoder"] if request.img2img else []) + ["unet", "vae_decoder"] \
         + (["safety_checker"] if "safety_checker" in parts else [])
     runs = {  # stage -> (activation bytes, detail)
-        "text_encoder": (parts["text_encoder"].activations(rows, 1, 1), f"{rows} prompts"),
+        **{name: (parts[name].activations(rows, 1, 1), f"{rows} prompts") for name in texts},
         "vae_encoder": (parts.get("vae_encoder", _NONE).activations(1, h, w), f"1 image {request.width}x{request.height}"),
         "unet": (parts["unet"].activations(unet_batch, h, w), f"batch {unet_batch} at {h}x{w} latents"),
         "vae_decoder": (decode, decode_detail),
@@ -238,7 +240,8 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
     resident = () if streamed else tuple(order)
     # On a card with memory of its own, the lean rungs run the text encoder and the safety checker on
     # the host: they are small and run once, so the CPU costs little time and spares the card their weights.
-    on_host = tuple(n for n in HOST_COMPONENTS if n in order) if streamed and not device.unified_memory else ()
+    host_ok = [c.name for c in family.components if c.host_ok]
+    on_host = tuple(n for n in order if n in host_ok) if streamed and not device.unified_memory else ()
     stages = []
     for name in order:
         held = [n for n in resident if n != name] + [name]

@@ -36,14 +36,14 @@ def profile(path: Path, spec: ComponentSpec, vae_scale: int, sequence: int = 77)
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)  # the graph only; weights stay on disk
-    sides = SIDES if spec.name != "text_encoder" else SIDES[:1]
+    sides = SIDES if spec.image_sized else SIDES[:1]
     try:
         samples = [(side, _peak(model, spec, 1, side, vae_scale, sequence)) for side in sides]
     except Exception as e:  # shape inference is a tool's best effort: the planner has fallbacks
         log.warning("could not profile the %s's memory (%s: %s); the planner will use SD 1.5's profile",
                     spec.name, type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
         return {}
-    if spec.name == "text_encoder":
+    if not spec.image_sized:
         return {"fit": [0.0, float(samples[0][1]), 0.0], "samples": [list(s) for s in samples]}
     a = np.array([[s * s, (s * s) ** 2] for s, _ in samples], dtype=np.float64)
     y = np.array([p for _, p in samples], dtype=np.float64)

@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.clip_vocab import add_vocab_files
-from ..engine.components import (FP32_FALLBACK, FP32_FALLBACK_COMPONENTS, SAFETY_CHECKER, TEXT_ENCODER, UNET,
-                                 VAE_DECODER, VAE_DECODER_HEAD, VAE_DECODER_TAIL, VAE_ENCODER, ComponentSpec)
+from ..engine.components import (FP32_FALLBACK, SAFETY_CHECKER, UNET, VAE, VAE_DECODER, VAE_DECODER_HEAD,
+                                 VAE_DECODER_TAIL, VAE_ENCODER, ComponentSpec)
+from ..engine.families import Family, recognise
 from ..engine.errors import EdgediffError
 from ..engine.files import atomic_folder, check_out
 from . import memory_profile
@@ -54,25 +55,14 @@ MIN_PSNR = {"fp32": 60.0, "fp16": 35.0, "int8": 20.0}
 # Variants must compute what standard attention does; they differ only by summation order.
 VARIANT_MAX_RELATIVE_ERROR = 1e-4
 EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's 2 GB limit: larger graphs keep weights beside them
-SOURCE_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
-# fp16: what stays fp32, in one place. Patterns match ONNX node names, which the exporter derives from
-# PyTorch module paths ("/m/time_embedding/linear_1/Gemm"); op types match every node of that type.
+# fp16: the op types that stay fp32 in every graph; each component's description adds the node-name
+# patterns of its own fragile parts (ComponentSpec.fp16_keep).
 FP16_KEEP_OPS = (
     "InstanceNormalization",  # GroupNorm's statistics: sums of squares overflow fp16 in SD's VAE
     "Softmax",  # the exponent of attention scores (SD 2.x upcasts them for the same reason)
     "Range", "CumSum",  # index arithmetic, never worth halving
 )
-FP16_KEEP_NODES = {
-    "unet": (r"/time_proj/", r"/time_embedding/"),  # sinusoids of timesteps up to 999
-    "vae_decoder": (r"^/post_quant_conv/", r"^/decoder/conv_in/", r"^/decoder/mid_block/attentions",
-                    r"^/decoder/conv_norm_out/", r"^/decoder/conv_act/", r"^/decoder/conv_out/"),
-    "vae_encoder": (r"^/encoder/mid_block/attentions", r"^/encoder/conv_norm_out/", r"^/quant_conv/"),
-    "vae_decoder_head": (r"^/post_quant_conv/", r"^/decoder/conv_in/", r"^/decoder/mid_block/attentions"),
-    # the shared-statistics GroupNorms (sums over whole tiles) and the last layers, as in the decoder
-    "vae_decoder_tail": (r"/norm[12]/", r"^/decoder/conv_norm_out/", r"^/decoder/conv_act/", r"^/decoder/conv_out/"),
-    "safety_checker": (r".",),  # a classifier with thresholds: its decision must not move with precision
-}
 # Beyond the fixed list, every node that reads or writes a value reaching this magnitude on the sample
 # inputs stays fp32: fp16 ends at 65504, and the margin covers inputs larger than the sample ones. This
 # is what turns SD's VAE black in fp16, and it is measured here rather than assumed.
@@ -144,9 +134,10 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
     try:
         with atomic_folder(out) as tmp:
             with torch.no_grad(), _quiet():
-                reports = _export_all(src, tmp, options, profile_memory, only)
+                family, reports = _export_all(src, tmp, options, profile_memory, only)
             manifest = {
                 **manifest_header("edgediff-onnx", 2, src, name, source),
+                "family": family.name,
                 "dtype": options.dtype,
                 "attention": options.attention,
                 "slices": options.slices if options.attention == "sliced" else None,
@@ -213,145 +204,155 @@ def _quiet():
 def _check_source(src: Path) -> None:
     if not src.is_dir():
         raise EdgediffError(f"{src} is not a diffusers model folder")
-    missing = [p for p in SOURCE_PARTS if not (src / p).exists()]
+    parts = ("model_index.json", "unet", "vae", "scheduler")
+    missing = [p for p in parts if not (src / p).exists()]
+    if not missing:
+        family = source_family(src)
+        parts = (*family.tokenizers, *(t.spec.name for t in family.text_encoders))
+        missing = [p for p in parts if not (src / p).exists()]
     if missing:
         raise EdgediffError(f"{src} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}")
 
 
 def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bool,
-                only: tuple[str, ...] | None = None) -> list[ComponentReport]:
+                only: tuple[str, ...] | None = None) -> tuple[Family, list[ComponentReport]]:
+    """Every component of the source's family (engine/families.py), one after the other."""
     import torch
-
-    from . import wrappers
 
     from tqdm import tqdm
 
-    has_checker = options.safety_checker and (src / "safety_checker" / "config.json").is_file()
-    # disable=None: a bar on a terminal, nothing in logs and CI
-    bar = tqdm(total=6 + has_checker, desc="exporting", unit="component", disable=None, leave=False)
-    g = torch.Generator().manual_seed(0)
+    from . import wrappers
+
+    family = source_family(src)
+    has_checker = options.safety_checker and (src / SAFETY_CHECKER.name / "config.json").is_file()
     unet_config = json.loads((src / "unet" / "config.json").read_text())
     size = unet_config.get("sample_size", 64)
     size = size[0] if isinstance(size, (list, tuple)) else size
     vae_config = json.loads((src / "vae" / "config.json").read_text())
     vae_scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-    reports = []
+    split = len(vae_config.get("block_out_channels", ())) > 1  # the decoder's head ends with an upsampler
+    specs = [c for c in family.components if c is not SAFETY_CHECKER or has_checker]
+    specs = [c for c in specs if split or c not in (VAE_DECODER_HEAD, VAE_DECODER_TAIL)]
+    if only is not None:
+        specs = [c for c in specs if c.name in only]
+    # disable=None: a bar on a terminal, nothing in logs and CI
+    bar = tqdm(total=len(specs), desc="exporting", unit="component", disable=None, leave=False)
+    g = torch.Generator().manual_seed(0)
+    index = json.loads((src / "model_index.json").read_text())
+    vae_cache, tail_shape, reports = {}, {}, []
 
-    def job(spec, load, make_args, config_dir, has_attention=False):
-        if only is not None and spec.name not in only:
-            return
-        module, config = load()
-        args = make_args(module)
+    def text_encoder(spec):
+        import transformers
+
+        # model_index.json names the class: CLIPTextModel, or CLIPTextModelWithProjection for SDXL's
+        # second encoder. Eager attention: a plain softmax(QK^T)V graph that ONNX Runtime's optimizer
+        # recognises and fuses.
+        cls = getattr(transformers, index.get(spec.name, [None, "CLIPTextModel"])[1])
+        m = cls.from_pretrained(src / spec.name, attn_implementation="eager").eval()
+        c = m.config
+        ids = torch.randint(0, c.vocab_size, (2, c.max_position_embeddings), generator=g)
+        ids[:, 0], ids[:, -1] = c.bos_token_id, c.eos_token_id
+        return wrappers.TextEncoder(m, [t.name for t in spec.outputs]), (ids,), spec.name
+
+    def unet(spec):
+        from diffusers import UNet2DConditionModel
+
+        m = UNet2DConditionModel.from_pretrained(src / "unet").eval()
+        c = m.config
+        text = json.loads((src / family.text_encoders[0].spec.name / "config.json").read_text())
+        args = {"sample": torch.randn(2, c.in_channels, size, size, generator=g),
+                "timestep": torch.tensor([981.0, 981.0]),
+                "encoder_hidden_states": torch.randn(2, text.get("max_position_embeddings", 77),
+                                                     c.cross_attention_dim, generator=g)}
+        if "text_embeds" in [t.name for t in spec.inputs]:  # SDXL's pooled text and micro-conditioning
+            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+            pixels = float(size * vae_scale)
+            args["text_embeds"] = torch.randn(2, pooled, generator=g)
+            args["time_ids"] = torch.tensor([[pixels, pixels, 0.0, 0.0, pixels, pixels]] * 2)
+        return wrappers.Unet(m, [t.name for t in spec.inputs]), tuple(args[t.name] for t in spec.inputs), "unet"
+
+    def vae(spec):
+        from diffusers import AutoencoderKL
+
+        if "vae" not in vae_cache:
+            vae_cache["vae"] = AutoencoderKL.from_pretrained(src / "vae").eval()
+        m = vae_cache["vae"]
+        latent = torch.randn(1, m.config.latent_channels, size, size, generator=g)
+        if spec is VAE_ENCODER:
+            return wrappers.VaeEncoder(m), (torch.rand(1, 3, size * vae_scale, size * vae_scale, generator=g) * 2 - 1,), "vae"
+        if spec is VAE_DECODER:
+            return wrappers.VaeDecoder(m), (latent,), "vae"
+        if spec is VAE_DECODER_HEAD:
+            return wrappers.VaeDecoderHead(m), (latent,), "vae"
+        # The tail rewires the VAE's GroupNorms: it comes last. Realistic inputs: the head's output for
+        # a latent, and for statistics the tail's own on it, so the parity run (mix 1) goes through the
+        # given-statistics path and still decodes that latent.
+        module = wrappers.VaeDecoderTail(m)
+        with torch.no_grad():
+            hidden = wrappers.decoder_head(m, latent)
+            mask = torch.ones(1, 1, *hidden.shape[-2:])
+            _, stats = module(hidden, torch.zeros(module.norms, 1, module.groups, 2), mask, torch.zeros(1))
+        tail_shape.update(norms=module.norms, groups=module.groups, channels=int(hidden.shape[1]),
+                          margin=wrappers.tail_margin(m.config))
+        return module, (hidden, stats, mask, torch.ones(1)), "vae"
+
+    def safety_checker(spec):
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+        m = StableDiffusionSafetyChecker.from_pretrained(src / "safety_checker").eval()
+        side = m.config.vision_config.image_size
+        # a batch of 2: traced with 1, the exporter ties broadcasts to the batch size
+        args = (torch.randn(2, 3, side, side, generator=g), torch.rand(2, 64, 64, 3, generator=g))
+        return wrappers.SafetyChecker(m), args, "safety_checker"
+
+    # How to build each component in PyTorch, by the role its description plays in the family.
+    builders = {**{t.spec.name: text_encoder for t in family.text_encoders}, "unet": unet,
+                **{v.name: vae for v in VAE}, SAFETY_CHECKER.name: safety_checker}
+    for spec in specs:
+        module, args, config_dir = builders[spec.name](spec)
         folder = tmp / spec.name
         folder.mkdir()
         shutil.copy2(src / config_dir / "config.json", folder / "config.json")
         holder = [module]
-        del module, config  # _export_one frees the weights before ONNX Runtime loads its copy
-        reports.append(_export_one(spec, holder, args, folder / "model.onnx", options, has_attention))
-        if profile_memory and spec.name != SAFETY_CHECKER.name:  # the checker's input is fixed at 224 px: no size to plan for
-            reports[-1].activations = memory_profile.profile(folder / "model.onnx", spec, vae_scale)
-        r = reports[-1]
+        del module  # _export_one frees the weights before ONNX Runtime loads its copy
+        has_attention = spec in (family.unet, VAE_ENCODER, VAE_DECODER, VAE_DECODER_HEAD)
+        report = _export_one(spec, holder, args, folder / "model.onnx", options, has_attention)
+        if spec is VAE_DECODER_TAIL:
+            report.extra = dict(tail_shape)
+        if profile_memory and spec is not SAFETY_CHECKER:  # the checker's input is fixed at 224 px
+            report.activations = memory_profile.profile(folder / "model.onnx", spec, vae_scale)
+        reports.append(report)
         bar.update(1)
-        log.info("exported %s: %.1f s, %s, PSNR %s dB against PyTorch", spec.name, r.seconds, r.dtype,
-                 "inf" if r.psnr is None else f"{r.psnr:.1f}")
+        log.info("exported %s: %.1f s, %s, PSNR %s dB against PyTorch", spec.name, report.seconds, report.dtype,
+                 "inf" if report.psnr is None else f"{report.psnr:.1f}")
         gc.collect()
-
-    def text_encoder():
-        from transformers import CLIPTextModel
-
-        # Eager attention: a plain softmax(QK^T)V graph that ONNX Runtime's optimizer recognises and fuses.
-        m = CLIPTextModel.from_pretrained(src / "text_encoder", attn_implementation="eager").eval()
-        return wrappers.TextEncoder(m), m.config
-
-    def text_args(module):
-        c = module.m.config
-        ids = torch.randint(0, c.vocab_size, (2, c.max_position_embeddings), generator=g)
-        ids[:, 0], ids[:, -1] = c.bos_token_id, c.eos_token_id
-        return (ids,)
-
-    def unet():
-        from diffusers import UNet2DConditionModel
-
-        m = UNet2DConditionModel.from_pretrained(src / "unet").eval()
-        return wrappers.Unet(m), m.config
-
-    def unet_args(module):
-        c = module.m.config
-        text = json.loads((src / "text_encoder" / "config.json").read_text())
-        return (torch.randn(2, c.in_channels, size, size, generator=g), torch.tensor([981.0, 981.0]),
-                torch.randn(2, text.get("max_position_embeddings", 77), c.cross_attention_dim, generator=g))
-
-    vae_cache = {}
-
-    def vae(wrapper):
-        def load():
-            from diffusers import AutoencoderKL
-
-            if "vae" not in vae_cache:
-                vae_cache["vae"] = AutoencoderKL.from_pretrained(src / "vae").eval()
-            m = vae_cache["vae"]
-            return wrapper(m), m.config
-        return load
-
-    def encoder_args(module):
-        scale = 2 ** (len(module.m.config.block_out_channels) - 1)
-        return (torch.rand(1, 3, size * scale, size * scale, generator=g) * 2 - 1,)
-
-    def decoder_args(module):
-        return (torch.randn(1, module.m.config.latent_channels, size, size, generator=g),)
-
-    tail_shape = {}
-
-    def tail_args(module):
-        # Realistic inputs: the head's output for a latent, and for statistics the tail's own on it, so
-        # the parity run (mix 1) goes through the given-statistics path and still decodes that latent.
-        (latent,) = decoder_args(module)
-        with torch.no_grad():
-            hidden = wrappers.decoder_head(module.m, latent)
-            mask = torch.ones(1, 1, *hidden.shape[-2:])
-            empty = torch.zeros(module.norms, 1, module.groups, 2)
-            _, stats = module(hidden, empty, mask, torch.zeros(1))
-        tail_shape.update(norms=module.norms, groups=module.groups, channels=int(hidden.shape[1]))
-        return hidden, stats, mask, torch.ones(1)
-
-    job(TEXT_ENCODER, text_encoder, text_args, "text_encoder")
-    job(UNET, unet, unet_args, "unet", has_attention=True)
-    job(VAE_ENCODER, vae(wrappers.VaeEncoder), encoder_args, "vae", has_attention=True)
-    job(VAE_DECODER, vae(wrappers.VaeDecoder), decoder_args, "vae", has_attention=True)
-    if len(vae_config.get("block_out_channels", ())) > 1:
-        job(VAE_DECODER_HEAD, vae(wrappers.VaeDecoderHead), decoder_args, "vae", has_attention=True)
-        job(VAE_DECODER_TAIL, vae(wrappers.VaeDecoderTail), tail_args, "vae")  # last: it rewires the VAE
-        if tail_shape:
-            reports[-1].extra = {"margin": wrappers.tail_margin(vae_cache["vae"].config), **tail_shape}
     vae_cache.clear()
-    if has_checker:
-        def safety_checker():
-            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-            m = StableDiffusionSafetyChecker.from_pretrained(src / "safety_checker").eval()
-            return wrappers.SafetyChecker(m), m.config
-
-        def safety_args(module):
-            side = module.m.config.vision_config.image_size
-            # a batch of 2: traced with 1, the exporter ties broadcasts to the batch size
-            return (torch.randn(2, 3, side, side, generator=g), torch.rand(2, 64, 64, 3, generator=g))
-
-        job(SAFETY_CHECKER, safety_checker, safety_args, "safety_checker")
-        shutil.copytree(src / "feature_extractor", tmp / "feature_extractor")
     bar.close()
-    for part in ("tokenizer", "scheduler"):
+    if has_checker:
+        shutil.copytree(src / "feature_extractor", tmp / "feature_extractor")
+    for part in (*family.tokenizers, "scheduler"):
         shutil.copytree(src / part, tmp / part)
-    add_vocab_files(tmp / "tokenizer")
+    for part in family.tokenizers:
+        add_vocab_files(tmp / part)
     shutil.copy2(src / "model_index.json", tmp / "model_index.json")
     if options.dtype == "int8" and (only is None or UNET.name in only):
-        unet = next(r for r in reports if r.name == UNET.name)
-        _quantize(tmp, unet, size * vae_scale)
+        unet_report = next(r for r in reports if r.name == UNET.name)
+        _quantize(tmp, family.unet, unet_report, size * vae_scale)
         if profile_memory:
-            unet.activations = memory_profile.profile(tmp / UNET.onnx_path, UNET, vae_scale)
-    return reports
+            unet_report.activations = memory_profile.profile(tmp / UNET.onnx_path, family.unet, vae_scale)
+    return family, reports
 
 
-def _quantize(tmp: Path, report: ComponentReport, native: int) -> None:
+def source_family(src: Path) -> Family:
+    """The family of a diffusers folder, from its UNet's config (engine/families.py)."""
+    try:
+        unet_config = json.loads((src / "unet" / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise EdgediffError(f"{src / 'unet' / 'config.json'} cannot be read ({e}); is {src} a diffusers folder?") from None
+    return recognise(unet_config, str(src))
+
+
+def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: int) -> None:
     """Replace the fp32 UNet in `tmp` by its int8 version, calibrated on generations with the fp32
     export at half the native size; the gate compares the two graphs on a call calibration never saw."""
     from ..backends.base import OrtSession
@@ -366,10 +367,10 @@ def _quantize(tmp: Path, report: ComponentReport, native: int) -> None:
     for f in folder.glob("model.onnx*"):
         f.rename(fp32 / f.name)
     quantize.quantize_unet(fp32 / "model.onnx", folder / "model.onnx", calls)
-    want = OrtSession(fp32 / "model.onnx", UNET, ["CPUExecutionProvider"]).run(**held_out)["out_sample"]
+    want = OrtSession(fp32 / "model.onnx", spec, ["CPUExecutionProvider"]).run(**held_out)["out_sample"]
     shutil.rmtree(fp32)
     _consolidate(folder / "model.onnx")  # the quantizer's layout puts even shape constants in its data file
-    got = OrtSession(folder / "model.onnx", UNET, ["CPUExecutionProvider"]).run(**held_out)["out_sample"]
+    got = OrtSession(folder / "model.onnx", spec, ["CPUExecutionProvider"]).run(**held_out)["out_sample"]
     score, max_abs = psnr(got, want)
     report.dtype, report.psnr, report.max_abs_diff = "int8", score, max_abs
     report.bytes = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
@@ -401,8 +402,7 @@ def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, opti
             if not err <= VARIANT_MAX_RELATIVE_ERROR:
                 raise EdgediffError(f"{variant} attention in the {spec.name} differs from standard attention "
                                     f"by {err:.1e} (relative); the variant is broken for this model")
-    dynamic = {t.name: {i: axis for i, axis in enumerate(t.axes) if axis not in _FIXED_AXES}
-               for t in spec.inputs + spec.outputs}
+    dynamic = spec.dynamic_axes()
     # The TorchScript exporter: the dynamo one still fails on parts of diffusers' UNet with dynamic
     # spatial sizes, and its graphs are no faster in ONNX Runtime.
     torch.onnx.export(module, args, str(path), input_names=[t.name for t in spec.inputs],
@@ -416,7 +416,7 @@ def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, opti
     inputs = {t.name: a.numpy() for t, a in zip(spec.inputs, args)}
     kept = nodes = 0
     if options.dtype == "fp16":
-        if spec.name in FP32_FALLBACK_COMPONENTS:  # small, and what the runtime re-runs on overflow
+        if spec.fp32_fallback:  # small, and what the runtime re-runs on overflow
             shutil.copy2(path, path.with_name(FP32_FALLBACK))
         kept, nodes = _to_fp16(path, spec, inputs)
     _consolidate(path)
@@ -432,10 +432,6 @@ def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, opti
         raise EdgediffError(f"the exported {spec.name} ({report.dtype}) is {psnr:.1f} dB PSNR against PyTorch, "
                             f"below the {floor:g} dB gate; the export is broken, nothing was written")
     return report
-
-
-_FIXED_AXES = {"channels", "latent_channels", "moments", "rgb", "hidden", "clip_rgb", "clip_height",
-               "clip_width", "decoder_channels", "norms", "groups", "mean_var", "one"}
 
 
 def _io(t) -> dict:
@@ -538,7 +534,7 @@ def _to_fp16(path: Path, spec: ComponentSpec, inputs: dict) -> tuple[int, int]:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     hot = {name for name, value in _calibrate(path, inputs).items() if value >= FP16_CALIBRATION_LIMIT}
     model = OnnxModel(onnx.load(str(path)))
-    patterns = [re.compile(p) for p in FP16_KEEP_NODES.get(spec.name, ())]
+    patterns = [re.compile(p) for p in spec.fp16_keep]
     keep_ops = set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_OPS)
     keep = [n.name for n in model.nodes()
             if n.op_type in keep_ops or any(p.search(n.name) for p in patterns)

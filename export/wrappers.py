@@ -6,22 +6,32 @@ import torch
 
 
 class TextEncoder(torch.nn.Module):
-    def __init__(self, m):
+    """A CLIP text tower returning the outputs its component description names, in that order."""
+
+    def __init__(self, m, outputs=("last_hidden_state", "pooler_output")):
         super().__init__()
-        self.m = m
+        self.m, self.outputs = m, tuple(outputs)
 
     def forward(self, input_ids):
-        out = self.m(input_ids=input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        penultimate = "penultimate_hidden_state" in self.outputs
+        out = self.m(input_ids=input_ids, output_hidden_states=penultimate, return_dict=True)
+        values = {"last_hidden_state": lambda: out.last_hidden_state, "pooler_output": lambda: out.pooler_output,
+                  "text_embeds": lambda: out.text_embeds,  # CLIPTextModelWithProjection's pooled projection
+                  "penultimate_hidden_state": lambda: out.hidden_states[-2]}  # diffusers' SDXL conditioning
+        return tuple(values[name]() for name in self.outputs)
 
 
 class Unet(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
+    """diffusers' UNet with its inputs as named positional arguments; SDXL's added conditioning
+    (text_embeds, time_ids) goes to `added_cond_kwargs`, as its pipeline passes it."""
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def __init__(self, m, inputs=("sample", "timestep", "encoder_hidden_states")):
+        super().__init__()
+        self.m, self.inputs = m, tuple(inputs)
+
+    def forward(self, sample, timestep, encoder_hidden_states, *added):
+        added_cond = dict(zip(self.inputs[3:], added)) or None
+        return self.m(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond, return_dict=False)[0]
 
 
 class VaeEncoder(torch.nn.Module):
