@@ -28,22 +28,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..export.single_file import SD1_SCHEDULER, SD2_SCHEDULER
+from ..export.single_file import SD1_SCHEDULER, SD2_SCHEDULER, SDXL_SCHEDULER
 from .vocab import write_tokenizer
 
 KINDS = ("sd1", "sd2", "inpaint", "sdxl", "sdxl-inpaint")
 
-# The scheduler configs exactly as the SD 1.5 and SD 2.1 repositories ship them.
+# The scheduler configs exactly as the SD 1.5, SD 2.1 and SDXL base repositories ship them.
 SD1_SCHEDULER_CONFIG = SD1_SCHEDULER
 SD2_SCHEDULER_CONFIG = SD2_SCHEDULER
-# stabilityai/stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
-    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
-    "use_karras_sigmas": False,
-}
+SDXL_SCHEDULER_CONFIG = SDXL_SCHEDULER
 
 
 @dataclass(frozen=True)

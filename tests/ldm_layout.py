@@ -1,9 +1,11 @@
-"""Diffusers state dicts back to the original CompVis/LDM single-file layout, for the conversion tests.
+"""Diffusers state dicts back to the original single-file layouts, for the conversion tests: CompVis/LDM
+(SD 1.x/2.x) and Stability's SGM (SDXL).
 
-Written from the LDM source's module names (ldm/modules/diffusionmodules/openaimodel.py and model.py,
+Written from the original sources' module names (ldm/modules/diffusionmodules/openaimodel.py and model.py,
+sgm/modules/diffusionmodules/openaimodel.py, sgm/modules/encoders/modules.py's GeneralConditioner,
 open_clip's TextTransformer), not from diffusers' converter, so that converting our output with
 diffusers' mapping and getting the original tensors back checks two independent mappings against
-each other. Works on meta tensors too, so full-size SD shapes cost no memory.
+each other. Works on meta tensors too, so full-size SD and SDXL shapes cost no memory.
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ import torch
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_HF, OPEN_CLIP = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
+# SGM's GeneralConditioner keeps its embedders in a ModuleList: SDXL base's 0 is FrozenCLIPEmbedder
+# (a transformers CLIPTextModel as `transformer`), 1 is FrozenOpenCLIPEmbedder2 (open_clip as `model`).
+SDXL_CLIP = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model."
 
 # openaimodel.ResBlock: in_layers = [GroupNorm, SiLU, conv], emb_layers = [SiLU, Linear],
 # out_layers = [GroupNorm, SiLU, Dropout, conv], skip_connection
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            # SGM: label_emb = Sequential(Sequential(Linear(adm_in_channels, time_embed_dim), SiLU, Linear))
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 # model.AttnBlock: norm, then q, k, v and proj_out as 1x1 convolutions
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -85,23 +93,27 @@ def vae_to_ldm(sd: dict, levels: int) -> dict:
     return out
 
 
-def clip_to_ldm(sd: dict) -> dict:
-    """SD 1.x: transformers' CLIPTextModel as LDM's FrozenCLIPEmbedder saved it, position ids included."""
-    out = {CLIP_HF + k.removeprefix("text_model."): t for k, t in sd.items()}
+def clip_to_ldm(sd: dict, prefix: str = CLIP_HF) -> dict:
+    """SD 1.x and SDXL's first encoder: transformers' CLIPTextModel as LDM's and SGM's FrozenCLIPEmbedder
+    saved it, position ids included."""
+    out = {prefix + k.removeprefix("text_model."): t for k, t in sd.items()}
     positions = sd[_find(sd, "embeddings.position_embedding.weight")].shape[0]
-    out[CLIP_HF + "embeddings.position_ids"] = torch.arange(positions, device=_device(sd))[None]
+    out[prefix + "embeddings.position_ids"] = torch.arange(positions, device=_device(sd))[None]
     return out
 
 
-def open_clip_to_ldm(sd: dict) -> dict:
-    """SD 2.x: open_clip's TextTransformer (q, k, v fused into `in_proj`), with the last resblock that
-    SD 2.x skips (the real files have 24, the diffusers model 23) and the joint-space projection."""
+def open_clip_to_ldm(sd: dict, prefix: str = OPEN_CLIP, skipped_layer: bool = True) -> dict:
+    """open_clip's TextTransformer (q, k, v fused into `in_proj`) and its joint-space projection, stored
+    (width, projection) because open_clip computes `x @ text_projection`. SD 2.x (`skipped_layer`): with
+    the last resblock that SD 2.x skips (the real files have 24, the diffusers model 23) and a projection
+    the model does not have; SDXL's bigG: every layer, and the model's own projection."""
+    projection = sd.get("text_projection.weight")  # CLIPTextModelWithProjection's nn.Linear: (proj, width)
     sd = {k.removeprefix("text_model."): t for k, t in sd.items()}
     out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
            "positional_embedding": sd["embeddings.position_embedding.weight"],
            "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"]}
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-    for i in range(layers + 1):
+    for i in range(layers + skipped_layer):
         src = f"encoder.layers.{min(i, layers - 1)}."
         dst = f"transformer.resblocks.{i}."
         # the skipped last layer: a copy of the one before (a copy: safetensors refuses shared memory)
@@ -114,9 +126,9 @@ def open_clip_to_ldm(sd: dict) -> dict:
             out[dst + f"mlp.c_fc.{p}"] = get(f"mlp.fc1.{p}")
             out[dst + f"mlp.c_proj.{p}"] = get(f"mlp.fc2.{p}")
     width = out["token_embedding.weight"].shape[1]
-    out["text_projection"] = torch.eye(width, device=_device(sd))
+    out["text_projection"] = projection.T if projection is not None else torch.eye(width, device=_device(sd))
     out["logit_scale"] = torch.tensor(4.6052, device=_device(sd))  # log(100), CLIP's trained temperature
-    return {OPEN_CLIP + k: t for k, t in out.items()}
+    return {prefix + k: t for k, t in out.items()}
 
 
 def _find(sd: dict, name: str) -> str:
@@ -130,20 +142,34 @@ def _device(sd: dict) -> torch.device:
 def models_to_ldm(unet, vae, text_encoder, open_clip: bool) -> dict:
     """One LDM state dict from the three models (real, or on the meta device)."""
     text = open_clip_to_ldm if open_clip else clip_to_ldm
+    return {**_networks_to_ldm(unet, vae), **text(text_encoder.state_dict())}
+
+
+def sdxl_models_to_ldm(unet, vae, text_encoder, text_encoder_2) -> dict:
+    """One SGM state dict (SDXL base or inpainting) from the four models (real, or on the meta device)."""
+    return {**_networks_to_ldm(unet, vae), **clip_to_ldm(text_encoder.state_dict(), SDXL_CLIP),
+            **open_clip_to_ldm(text_encoder_2.state_dict(), SDXL_OPEN_CLIP, skipped_layer=False)}
+
+
+def _networks_to_ldm(unet, vae) -> dict:
     return {**unet_to_ldm(unet.state_dict(), unet.config.layers_per_block),
-            **vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)),
-            **text(text_encoder.state_dict())}
+            **vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels))}
 
 
-def folder_to_single_file(folder: Path, path: Path, open_clip: bool) -> Path:
-    """Write a diffusers model folder as one LDM-layout .safetensors file."""
+def folder_to_single_file(folder: Path, path: Path, open_clip: bool = False) -> Path:
+    """Write a diffusers model folder as one LDM-layout .safetensors file (SGM's for an SDXL folder,
+    recognised by its text_encoder_2/; `open_clip` says which SD 1.x/2.x layout)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     vae = AutoencoderKL.from_pretrained(folder / "vae")
     text = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    sd = models_to_ldm(unet, vae, text, open_clip)
+    if (folder / "text_encoder_2").is_dir():
+        text_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+        sd = sdxl_models_to_ldm(unet, vae, text, text_2)
+    else:
+        sd = models_to_ldm(unet, vae, text, open_clip)
     save_file({k: t.contiguous() for k, t in sd.items()}, str(path))
     return path

@@ -1,8 +1,9 @@
-"""Single-file checkpoints (CompVis/LDM layout) to diffusers folders, and the CLIP vocabulary they need.
+"""Single-file checkpoints (CompVis/LDM and SDXL's SGM layouts) to diffusers folders, and the CLIP
+vocabulary they need.
 
-The tiny models go to the LDM layout through tests/ldm_layout.py (our own mapping) and come back through
-diffusers' conversion functions: equal tensors mean the two independent mappings agree. Full-size
-SD 1.5 / 2.1 shapes are checked on the meta device, so they cost no memory.
+The tiny models go to the original layouts through tests/ldm_layout.py (our own mapping) and come back
+through diffusers' conversion functions: equal tensors mean the two independent mappings agree.
+Full-size SD 1.5 / 2.1 / SDXL shapes are checked on the meta device, so they cost no memory.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import pytest
 import regex
 import torch
 from diffusers import (AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel)
-from ldm_layout import folder_to_single_file, models_to_ldm
+                       StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from ldm_layout import folder_to_single_file, models_to_ldm, sdxl_models_to_ldm
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                          CLIPTokenizerFast)
 
 from edgediff.builtin.random_model import TinySpec, build_random_model
 from edgediff.engine.clip_vocab import BPE_PATH, PAD_SD2, write_clip_tokenizer
@@ -29,6 +31,7 @@ from edgediff.export import single_file as sf
 from edgediff.export.single_file import detect, read_checkpoint, to_diffusers
 
 COMPONENTS = ("unet", "vae", "text_encoder")
+SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2",)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +48,11 @@ def tiny_files(tmp_path_factory):
     return get
 
 
-def assert_same_weights(a, b, cast=lambda t: t) -> int:
+def assert_same_weights(a, b, cast=lambda t: t, components=COMPONENTS) -> int:
     """Every parameter and buffer of two pipelines' networks equal (after `cast` of a's); returns how
     many were compared."""
     n = 0
-    for name in COMPONENTS:
+    for name in components:
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert sa.keys() == sb.keys(), name
         for k in sa:
@@ -131,6 +134,75 @@ def test_fp16_ckpt_is_read_with_weights_only_and_written_as_fp32(tiny_files, tmp
     assert scheduler["prediction_type"] == "v_prediction"  # the caller's, over the config folder's
 
 
+SDXL_PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sdxl-inpaint": StableDiffusionXLInpaintPipeline}
+
+
+@pytest.mark.parametrize("kind", list(SDXL_PIPELINES))
+def test_sdxl_round_trip_with_config_folder_gives_the_same_tensors(tiny_files, tmp_path, kind):
+    folder, single = tiny_files(kind)
+    out = to_diffusers(single, tmp_path / "out", config=folder)
+    cls = SDXL_PIPELINES[kind]
+    a, b = cls.from_pretrained(folder), cls.from_pretrained(out)
+    assert type(b) is cls
+    assert assert_same_weights(a, b, components=SDXL_COMPONENTS) > 500  # tensors in the four tiny networks
+    assert type(b.scheduler) is type(a.scheduler) and b.scheduler.config.prediction_type == "epsilon"
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        ids = [getattr(p, tokenizer)("a red circle").input_ids for p in (a, b)]
+        assert ids[0] == ids[1], tokenizer
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == cls.__name__ and index["force_zeros_for_empty_prompt"] is True
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert index.get("requires_aesthetics_score") == (False if kind == "sdxl-inpaint" else None)
+
+
+def sdxl_convention_models():
+    """Small random SDXL networks that follow SDXL's conventions (head dim 64 everywhere, CLIP's 49408
+    tokens), with two text encoders of different widths and a projection of a third width, so that
+    detect() has to tell them apart."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=128, block_out_channels=(64, 128), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=64 + 128, attention_head_dim=(1, 2),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 96)
+    vae = AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025)
+    common = dict(vocab_size=49408, intermediate_size=96, num_hidden_layers=3, layer_norm_eps=1e-5)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=64, num_attention_heads=1, hidden_act="quick_gelu",
+                                        **common))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=128, num_attention_heads=2,
+                                                        projection_dim=96, hidden_act="gelu", **common))
+    return unet, vae, text, text_2
+
+
+def test_sdxl_round_trip_without_config_uses_the_sdxl_conventions(tmp_path):
+    unet, vae, text, text_2 = sdxl_convention_models()
+    single = tmp_path / "model.safetensors"
+    ldm = sdxl_models_to_ldm(unet, vae, text, text_2)
+    save_file({k: t.contiguous() for k, t in ldm.items()}, str(single))
+    out = to_diffusers(single, tmp_path / "out")
+    b = StableDiffusionXLPipeline.from_pretrained(out)
+    want = SimpleNamespace(unet=unet, vae=vae, text_encoder=text, text_encoder_2=text_2)
+    assert_same_weights(want, b, components=SDXL_COMPONENTS)
+    for key in ("block_out_channels", "attention_head_dim", "transformer_layers_per_block",
+                "addition_time_embed_dim", "projection_class_embeddings_input_dim", "cross_attention_dim"):
+        want = unet.config[key]
+        assert b.unet.config[key] == (list(want) if isinstance(want, tuple) else want), key
+    assert b.unet.config.sample_size == 128 and b.unet.config.addition_embed_type == "text_time"
+    assert (b.vae.config.scaling_factor, b.vae.config.force_upcast) == (0.13025, True)
+    # SDXL reads the penultimate state and the pooled output: all three layers stay, and the projection
+    assert b.text_encoder_2.config.num_hidden_layers == 3 and b.text_encoder_2.config.projection_dim == 96
+    assert (b.text_encoder.config.hidden_act, b.text_encoder_2.config.hidden_act) == ("quick_gelu", "gelu")
+    assert (b.tokenizer.pad_token, b.tokenizer_2.pad_token) == ("<|endoftext|>", PAD_SD2)
+    assert len(b.tokenizer) == len(b.tokenizer_2) == 49408
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "EulerDiscreteScheduler" and scheduler["prediction_type"] == "epsilon"
+    assert scheduler["timestep_spacing"] == "leading" and scheduler["steps_offset"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # (b) Detection on full-size shapes
 
@@ -193,6 +265,53 @@ def test_prediction_type_from_v_pred_key_or_caller():
     assert (base.prediction_type, base.sample_size) == ("epsilon", 64)
     with pytest.raises(EdgediffError, match="unknown prediction type"):
         detect(sd15, prediction_type="sample")
+
+
+# stabilityai/stable-diffusion-xl-base-1.0 and diffusers/stable-diffusion-xl-1.0-inpainting-0.1
+SDXL_BASE = dict(
+    family="sdxl", inpainting=False, prediction_type="epsilon", sample_size=128, unet_in_channels=4,
+    unet_out_channels=4, unet_block_out_channels=(320, 640, 1280), unet_layers_per_block=2,
+    unet_down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    unet_up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=2048, use_linear_projection=True, attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10), addition_time_embed_dim=256,
+    vae_block_out_channels=(128, 256, 512, 512), vae_layers_per_block=2, vae_latent_channels=4,
+    text_width=768, text_layers=12, text_heads=12, text_intermediate=3072, text_vocab_size=49408,
+    text_max_positions=77,
+    text_2=sf.TextTower(width=1280, layers=32, heads=20, intermediate=5120, vocab_size=49408,
+                        max_positions=77, projection_dim=1280))
+FULL_SIZE_SDXL = {"sdxl-base": SDXL_BASE,
+                  "sdxl-inpainting": {**SDXL_BASE, "inpainting": True, "unet_in_channels": 9}}
+
+
+def sdxl_meta_shapes(in_channels: int = 4) -> dict:
+    with torch.device("meta"):
+        models = (UNet2DConditionModel.from_config({**sf.SDXL_UNET, "in_channels": in_channels}),
+                  AutoencoderKL.from_config(sf.SDXL_VAE),
+                  CLIPTextModel(CLIPTextConfig.from_dict(sf.SDXL_TEXT)),
+                  CLIPTextModelWithProjection(CLIPTextConfig.from_dict(sf.SDXL_TEXT_2)))
+    return {k: tuple(t.shape) for k, t in sdxl_models_to_ldm(*models).items()}
+
+
+@pytest.mark.parametrize("name", list(FULL_SIZE_SDXL))
+def test_detect_full_size_sdxl_checkpoints(name):
+    want = FULL_SIZE_SDXL[name]
+    shapes = sdxl_meta_shapes(want["unet_in_channels"])
+    assert len(shapes) > 2500  # 2,5xx tensors in a real SDXL file
+    found = detect(shapes)
+    assert {k: getattr(found, k) for k in want} == want
+    unet = found.unet_config()
+    assert (unet["projection_class_embeddings_input_dim"], unet["addition_embed_type"]) == (2816, "text_time")
+    assert found.vae_config()["scaling_factor"] == 0.13025 and found.vae_config()["sample_size"] == 1024
+    assert found.text_2_config()["architectures"] == ["CLIPTextModelWithProjection"]
+    # The configs detect() writes rebuild exactly the architecture that gave the shapes.
+    with torch.device("meta"):
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(found.text_2_config()))
+        rebuilt = sdxl_models_to_ldm(UNet2DConditionModel.from_config(unet),
+                                     AutoencoderKL.from_config(found.vae_config()),
+                                     CLIPTextModel(CLIPTextConfig.from_dict(found.text_config())), text_2)
+    assert {k: tuple(t.shape) for k, t in rebuilt.items()} == shapes
+    assert detect({**shapes, "v_pred": ()}).prediction_type == "v_prediction"  # the v-prediction fine-tunes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,6 +399,54 @@ def test_existing_output_is_kept_unless_forced(tiny_files, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     to_diffusers(single, out, config=folder, force=True)
     assert not (out / "keep.txt").exists() and (out / "model_index.json").is_file()
+
+
+def test_sdxl_refiner_is_refused_in_one_line_and_nothing_is_written(tiny_files, tmp_path):
+    folder, single = tiny_files("sdxl")
+    # The refiner's shape of file: bigG as the only text encoder, under embedders.0.model.
+    refiner = {k.replace(sf.SDXL_OPEN_CLIP, sf.REFINER_OPEN_CLIP): t
+               for k, t in read_checkpoint(single).items() if not k.startswith(sf.SDXL_CLIP)}
+    path = tmp_path / "sd_xl_refiner_1.0.safetensors"
+    save_file(refiner, str(path))
+    out = tmp_path / "out"
+    with pytest.raises(EdgediffError, match="SDXL refiner checkpoint.*runs the SDXL base model") as e:
+        to_diffusers(path, out, config=folder)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_incomplete_and_unknown_families_are_one_line_errors(tiny_files, tmp_path):
+    _, sdxl = tiny_files("sdxl")
+    sd1_folder, sd1 = tiny_files("sd1")
+    state, x = read_checkpoint(sdxl), torch.zeros(4, 4)
+    unet_only = {k: t for k, t in read_checkpoint(sd1).items() if not k.startswith("cond_stage_model.")}
+    cases = {
+        "no-bigg": ({k: t for k, t in state.items() if not k.startswith(sf.SDXL_OPEN_CLIP)},
+                    r"looks like an SDXL checkpoint .*lacks its OpenCLIP ViT-bigG text encoder"),
+        "no-label-emb": ({k: t for k, t in state.items() if "label_emb" not in k},
+                         r"lacks model\.diffusion_model\.label_emb\.0\.0\.weight"),
+        "no-text-encoder": (unet_only, "has a UNet but no text encoder"),
+        "sd3": ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": x[0],
+                 "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": x[1].clone()},
+                "not an SD 1.x, 2.x or SDXL UNet"),
+        "flux": ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": x[0]},
+                 "not an SD 1.x, 2.x or SDXL UNet"),
+    }
+    outputs = tmp_path / "out"
+    outputs.mkdir()
+    for name, (tensors, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(path))
+        with pytest.raises(EdgediffError, match=message) as e:
+            to_diffusers(path, outputs / name)
+        assert "\n" not in str(e.value) and str(path) in str(e.value), name
+    # The tiny SDXL's widths (32, 48, 32, 64) are not multiples of SDXL's head size 64, and an SD 1.x
+    # config folder has no second text encoder: both need the model's own config folder.
+    with pytest.raises(EdgediffError, match="attention heads cannot be inferred; give the model's config"):
+        to_diffusers(sdxl, outputs / "no-config")
+    with pytest.raises(EdgediffError, match="has no text_encoder_2/config.json, which an SDXL checkpoint"):
+        to_diffusers(sdxl, outputs / "sd1-config", config=sd1_folder)
+    assert list(outputs.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------
