@@ -309,9 +309,15 @@ class Pipeline:
             if family.micro_conditioning:
                 size = (height, width)
                 ids = _time_ids("", original_size or size, crops_coords_top_left, target_size or size)
-                negative_ids = _time_ids("negative_", negative_original_size or original_size or size,
-                                         negative_crops_coords_top_left or crops_coords_top_left,
-                                         negative_target_size or target_size or size)
+                negative_ids = ids
+                # diffusers' rule: the negative sizes count when both are given (their crop then
+                # defaults to (0, 0)); otherwise the negative rows repeat the positive ones
+                if negative_original_size is not None and negative_target_size is not None:
+                    negative_ids = _time_ids("negative_", negative_original_size,
+                                             negative_crops_coords_top_left or (0, 0), negative_target_size)
+                elif negative_original_size is not None or negative_target_size is not None:
+                    log.warning("negative_original_size and negative_target_size are used together; with one "
+                                "of them alone the negative conditioning repeats the positive sizes")
                 rows = [negative_ids] * batch * cfg + [ids] * batch
                 cond["time_ids"] = np.array(rows, dtype=np.float32)  # (2B or B, 6)
 
