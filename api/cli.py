@@ -88,6 +88,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from .engine.schedulers import SCHEDULERS
+    from .engine.schedulers.base import TIMESTEP_SPACINGS
 
     p = _OneLineParser(prog="edgediff", description="Stable Diffusion on the hardware you have.")
     p.add_argument("-v", "--verbose", action="store_true", help="say more about what happens")
@@ -137,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     gen.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
                      help="default: the one the model folder's scheduler_config.json names")
+    gen.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
+                     help="override the model's schedule spacing: trailing (AUTOMATIC1111's SGM Uniform) for "
+                          "Turbo and Lightning models, whose single files carry no scheduler config")
+    gen.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: the prompt)")
+    gen.add_argument("--negative-2", default=None,
+                     help="SDXL: the second text encoder's negative prompt (default: --negative)")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--seed", type=int, default=-1, help="-1 for a random seed (default)")
@@ -229,7 +236,8 @@ def _generate(args) -> None:
     result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   scheduler=args.scheduler, num_images_per_prompt=args.batch, image=args.init_image,
-                  strength=args.strength, mask_image=args.mask, progress=True)
+                  strength=args.strength, mask_image=args.mask, progress=True, prompt_2=args.prompt_2,
+                  negative_prompt_2=args.negative_2, timestep_spacing=args.timestep_spacing)
     flagged = result.nsfw_content_detected or [False] * len(paths)
     for image, params, path, nsfw in zip(result.images, result.parameters, paths, flagged):
         save_png(image, path, params.a1111())

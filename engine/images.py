@@ -94,9 +94,13 @@ class Parameters:
     height: int
     model: str
     denoising_strength: float | None = None  # img2img and inpainting only
+    schedule_type: str | None = None  # AUTOMATIC1111's "Schedule type" when not the model's own ("SGM Uniform")
 
     def a1111(self) -> str:
-        fields = [("Steps", self.steps), ("Sampler", self.sampler), ("CFG scale", _num(self.cfg_scale)),
+        fields = [("Steps", self.steps), ("Sampler", self.sampler)]
+        if self.schedule_type:
+            fields.append(("Schedule type", self.schedule_type))
+        fields += [("CFG scale", _num(self.cfg_scale)),
                   ("Seed", self.seed), ("Size", f"{self.width}x{self.height}"), ("Model", self.model)]
         if self.denoising_strength is not None:
             fields.append(("Denoising strength", _num(self.denoising_strength)))

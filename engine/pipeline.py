@@ -10,6 +10,7 @@ latents the images match diffusers' to over 40 dB PSNR (tests/test_parity.py). N
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -33,7 +34,8 @@ from .components import (COMPONENTS, FP32_FALLBACK, HIDDEN_SCALE, SAFETY_CHECKER
 from .errors import EdgediffError, EdgediffTypeError
 from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
 from .model_folder import LATENT_CHANNELS, ModelInfo, read_model_folder
-from .schedulers import Schedule, Scheduler, get_scheduler
+from .schedulers import Schedule, Scheduler, SchedulerConfig, get_scheduler
+from .schedulers.base import TIMESTEP_SPACINGS
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger("edgediff")
@@ -232,11 +234,15 @@ class Pipeline:
         negative_original_size: tuple[int, int] | None = None,
         negative_crops_coords_top_left: tuple[int, int] | None = None,
         negative_target_size: tuple[int, int] | None = None,
+        timestep_spacing: str | None = None,
     ) -> GenerationResult:
         """Generate. The arguments are diffusers' StableDiffusion(XL)Pipeline's. Models with two text
         encoders (SDXL) also take `prompt_2` and `negative_prompt_2` (for the second encoder; default: the
         first's) and the micro-conditioning sizes, (height, width) in pixels, as diffusers: original and
-        target size default to the output size, the crop corner to (0, 0), the negative ones to these."""
+        target size default to the output size, the crop corner to (0, 0), the negative ones to these.
+        `timestep_spacing` ("leading", "linspace" or "trailing") overrides the model's scheduler config:
+        single files carry none, and few-step models (Turbo, Lightning) need "trailing", which
+        AUTOMATIC1111 calls the SGM Uniform schedule."""
         timings: dict[str, float] = {}
         model = self.model
         family = model.family
@@ -262,7 +268,7 @@ class Pipeline:
         if scheduler is not None and not isinstance(scheduler, str):
             raise EdgediffTypeError(f"scheduler must be a scheduler's name, not {type(scheduler).__name__}")
         scheduler_name = scheduler or self.default_scheduler()
-        sched: Scheduler = get_scheduler(scheduler_name, model.scheduler_config)
+        sched: Scheduler = get_scheduler(scheduler_name, _spacing(model.scheduler_config, timestep_spacing))
         if callback is not None and not callable(callback):
             raise EdgediffTypeError(f"callback must be a function (step, total, latents), not "
                                     f"{type(callback).__name__}")
@@ -410,9 +416,10 @@ class Pipeline:
         # 8. What made each image, for the PNG metadata.
         sampler = sched.a1111_name
         strength_note = strength if init_image is not None else None
+        schedule_type = SCHEDULE_TYPES.get(timestep_spacing)
         params = [Parameters(prompts[k // num_images_per_prompt], negatives[k // num_images_per_prompt],
                              num_inference_steps, sampler, guidance_scale, seeds[k], width, height, model.name,
-                             strength_note) for k in range(batch)]
+                             strength_note, schedule_type) for k in range(batch)]
         return GenerationResult(images, seeds, params, timings, nsfw_content_detected=flagged, plan=plan,
                                 peak_memory=_peak_memory(), fp32_reruns=reruns)
 
@@ -528,6 +535,20 @@ class _Lease:
         if self.session is None:
             raise RuntimeError("this component's session was freed when its stage ended")
         return getattr(self.session, name)
+
+
+# AUTOMATIC1111's names of the schedules a timestep spacing gives, for the PNG parameters
+SCHEDULE_TYPES = {"trailing": "SGM Uniform", "linspace": "Uniform", "leading": "Uniform"}
+
+
+def _spacing(config: SchedulerConfig, spacing) -> SchedulerConfig:
+    """The model's scheduler config with the caller's timestep spacing, if any."""
+    if spacing is None:
+        return config
+    if not isinstance(spacing, str) or spacing not in TIMESTEP_SPACINGS:
+        raise EdgediffError(f"timestep_spacing {spacing!r} is not one of {', '.join(TIMESTEP_SPACINGS)} "
+                            "(trailing is AUTOMATIC1111's SGM Uniform, for Turbo and Lightning models)")
+    return dataclasses.replace(config, timestep_spacing=spacing)
 
 
 def _per_prompt(name: str, value, n: int) -> list[str]:

@@ -258,3 +258,43 @@ def test_fp16_sdxl_with_an_overflowing_vae(tiny, tmp_path, monkeypatch):
                                                          latents=latents, seed=SEED, scheduler="euler")
     assert rerun.fp32_reruns == ["vae_decoder"]
     assert psnr(rerun.images[0], want) >= 30, f"re-run in fp32: {psnr(rerun.images[0], want):.1f} dB"
+
+
+# -- few-step models: the schedule spacing a single file cannot carry --------------------------------
+
+def test_trailing_spacing_matches_diffusers_for_one_step_at_guidance_0(tiny):
+    """SDXL-Turbo's settings: one Euler step, guidance 0, "trailing" timesteps (the model folder says
+    "leading"). With "leading", one step would start at t=1 and leave the noise in the picture."""
+    latents = noise.batch_noise([SEED], noise.INITIAL, SHAPE)
+    pipe = reference(tiny, "sdxl", StableDiffusionXLPipeline)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    want = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=torch.from_numpy(latents),
+                height=64, width=64).images[0]
+    result = ours(tiny, "sdxl")(PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=latents, seed=SEED,
+                                scheduler="euler", timestep_spacing="trailing")
+    assert psnr(result.images[0], want) >= MIN_PSNR, f"{psnr(result.images[0], want):.1f} dB"
+    leading = ours(tiny, "sdxl")(PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=latents, seed=SEED,
+                                 scheduler="euler").images[0]
+    assert psnr(leading, want) < 40  # the option changed the schedule
+    assert "Sampler: Euler, Schedule type: SGM Uniform," in result.parameters[0].a1111()
+
+
+def test_an_unknown_spacing_is_one_line(tiny):
+    with pytest.raises(EdgediffError, match="timestep_spacing 'sgm' is not one of leading, linspace, trailing"):
+        ours(tiny, "sdxl")(PROMPT, num_inference_steps=1, timestep_spacing="sgm")
+
+
+def test_the_command_line_takes_sdxl_options(tiny, tmp_path, capsys):
+    from PIL import Image
+
+    from edgediff.cli import main
+
+    out = tmp_path / "turbo.png"
+    code = main(["generate", PROMPT, "--model", str(tiny("sdxl")[1]), "--steps", "1", "--guidance", "0",
+                 "--timestep-spacing", "trailing", "--prompt-2", "a blue square", "--seed", "3",
+                 "--width", "64", "--height", "64", "--backend", "cpu", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    want = ours(tiny, "sdxl")(PROMPT, prompt_2="a blue square", num_inference_steps=1, guidance_scale=0.0,
+                              seed=3, timestep_spacing="trailing").images[0]
+    got = Image.open(out)
+    assert psnr(got.convert("RGB"), want) == float("inf") and "SGM Uniform" in got.text["parameters"]
