@@ -28,7 +28,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a Stable Diffusion pipeline needs from a hub repository; the safetensors weights only, never
 # the pickled .bin duplicates many repositories also carry.
-HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "tokenizer/*", "scheduler/*",
+HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "tokenizer/*", "tokenizer_2/*", "scheduler/*",
                 "feature_extractor/*", "*/preprocessor_config.json"]
 
 

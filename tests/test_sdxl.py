@@ -298,3 +298,49 @@ def test_the_command_line_takes_sdxl_options(tiny, tmp_path, capsys):
                               seed=3, timestep_spacing="trailing").images[0]
     got = Image.open(out)
     assert psnr(got.convert("RGB"), want) == float("inf") and "SGM Uniform" in got.text["parameters"]
+
+
+# -- single files in the original (SGM) layout, as AUTOMATIC1111 and ComfyUI users download them ------
+
+@pytest.mark.slow
+def test_a_single_file_gives_the_folders_pictures(tiny, tmp_path):
+    """The tiny SDXL written in the original layout (tests/ldm_layout.py, from sgm's and open_clip's module
+    names), converted and exported, draws what the diffusers folder's export draws."""
+    from ldm_layout import folder_to_single_file
+
+    from edgediff.export.sources import export_model
+
+    src, folder_export = tiny("sdxl")
+    single = folder_to_single_file(src, tmp_path / "tiny_xl.safetensors")
+    manifest = export_model(single, tmp_path / "from-file", config=src)  # tiny widths: heads from the config
+    assert manifest["family"] == "sdxl" and manifest["source"]["kind"] == "single-file"
+    kwargs = dict(negative_prompt=NEGATIVE, prompt_2="a blue square", num_inference_steps=4, seed=SEED)
+    want = Pipeline.from_pretrained(folder_export, backend="cpu")(PROMPT, **kwargs).images[0]
+    got = Pipeline.from_pretrained(tmp_path / "from-file", backend="cpu")(PROMPT, **kwargs).images[0]
+    assert psnr(got, want) >= 60, f"{psnr(got, want):.1f} dB"
+
+
+def test_refiner_and_unknown_files_are_one_line_on_the_command_line(tiny, tmp_path, capsys):
+    """Through `edgediff export`: one line that says what the file is, no traceback, nothing written."""
+    from ldm_layout import SDXL_CLIP, SDXL_OPEN_CLIP, folder_to_single_file
+    from safetensors.torch import save_file
+
+    from edgediff.cli import main
+    from edgediff.export.single_file import read_checkpoint
+
+    state = read_checkpoint(folder_to_single_file(tiny("sdxl")[0], tmp_path / "base.safetensors"))
+    (tmp_path / "base.safetensors").unlink()
+    refiner = {k.replace(SDXL_OPEN_CLIP, "conditioner.embedders.0.model."): t for k, t in state.items()
+               if not k.startswith(SDXL_CLIP)}
+    save_file(refiner, str(tmp_path / "sd_xl_refiner_1.0.safetensors"))
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(4, 4)},
+              str(tmp_path / "sd3.safetensors"))
+    for name, words in (("sd_xl_refiner_1.0.safetensors", "SDXL refiner checkpoint"),
+                        ("sd3.safetensors", "not supported")):
+        code = main(["export", str(tmp_path / name), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("edgediff: error:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert name in lines[0] and words in lines[0], lines[0]
+        assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd3.safetensors", "sd_xl_refiner_1.0.safetensors"]
