@@ -42,7 +42,7 @@ from ..engine.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Co
 from ..engine.errors import EdgediffError
 from ..engine.files import atomic_folder, check_out
 from .onnx_export import (MANIFEST, VARIANT_MAX_RELATIVE_ERROR, ComponentReport, _check_source, _quiet,
-                          manifest_header, psnr)
+                          manifest_header, psnr, source_family)
 
 log = logging.getLogger("edgediff")
 
@@ -102,6 +102,12 @@ def export_coreml(src: str | Path, out: str | Path, width: int, height: int, bat
     if batch < 1:
         raise EdgediffError(f"batch must be at least 1 (got {batch})")
     _check_source(src)
+    family = source_family(src)
+    # The packages' static shapes (coreml_shapes) are those of one text encoder and the plain UNet; SDXL's
+    # second encoder and added conditioning are not converted yet.
+    if len(family.text_encoders) != 1 or family.unet.inputs != UNET.inputs:
+        raise EdgediffError(f"{src} is a {family.title} model, and the Core ML export converts SD 1.x and 2.x "
+                            "models only so far; export it with --format onnx (the coreml backend runs that)")
     check_out(out, force, folder=True)
     with atomic_folder(out) as tmp:
         with torch.no_grad(), _quiet(), _quiet_coremltools():

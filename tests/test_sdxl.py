@@ -344,3 +344,13 @@ def test_refiner_and_unknown_files_are_one_line_on_the_command_line(tiny, tmp_pa
         assert name in lines[0] and words in lines[0], lines[0]
         assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd3.safetensors", "sd_xl_refiner_1.0.safetensors"]
+
+
+def test_the_core_ml_export_refuses_sdxl_in_one_line(tiny, tmp_path):
+    """Its packages' static shapes are one text encoder's and the plain UNet's: SDXL is refused before any
+    work, naming the format that does run it."""
+    from edgediff.export.coreml_export import export_coreml
+
+    with pytest.raises(EdgediffError, match="Stable Diffusion XL model.*--format onnx") as e:
+        export_coreml(tiny("sdxl")[0], tmp_path / "ml", 64, 64)
+    assert "\n" not in str(e.value) and not (tmp_path / "ml").exists()
