@@ -2,9 +2,11 @@
 exporter, the planner and the pipeline read it instead of asking which family they hold.
 
 A family's record says which components it has (engine/components.py describes each), how prompts become
-the UNet's conditioning, its default size and latent scale, and how its folders and single-file
-checkpoints are recognised. Variants are records that change a field or two (inpainting is the family
-with a 9-channel UNet), as ComfyUI's supported_models.py does. `FAMILIES` is the registry, tried in order.
+the UNet's conditioning, its default size and latent scale, and how its folders are recognised; how its
+single-file checkpoints are recognised and converted is the CheckpointFormat of the same name in
+export/single_file.py, which needs torch. Variants are records that change a field or two (inpainting is
+the family with a 9-channel UNet), as ComfyUI's supported_models.py does. `FAMILIES` is the registry, tried
+in order.
 
 Conditioning, for every family alike (engine/pipeline.py reads only these records):
 
@@ -51,7 +53,6 @@ class Family:
     # what the parity tests and the benchmark compare with
     diffusers_pipelines: tuple[str, str, str] = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
                                                  "StableDiffusionInpaintPipeline")
-    single_file_note: str = ""  # how a single-file checkpoint of it looks (export/single_file.py reads it)
 
     @property
     def components(self) -> tuple[ComponentSpec, ...]:
@@ -81,12 +82,10 @@ SD1 = Family(
     text_encoders=(TextEncoderUse(TEXT_ENCODER, "tokenizer", "last_hidden_state"),),
     unet=UNET, native_size=512, scaling_factor=0.18215,
     unet_marks={"addition_embed_type": None, "in_channels": 4},
-    single_file_note="model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.* (CLIP ViT-L)",
 )
 SD2 = replace(
     SD1, name="sd2", title="Stable Diffusion 2.x",
     unet_marks={**SD1.unet_marks, "use_linear_projection": True},  # SD 2.x's transformers project linearly
-    single_file_note="model.diffusion_model.*, first_stage_model.*, cond_stage_model.model.* (OpenCLIP ViT-H)",
 )
 SDXL = Family(
     name="sdxl", title="Stable Diffusion XL",
@@ -97,8 +96,6 @@ SDXL = Family(
     micro_conditioning=True, zeros_for_empty_negative=True,
     diffusers_pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                          "StableDiffusionXLInpaintPipeline"),
-    single_file_note="model.diffusion_model.* with label_emb, conditioner.embedders.0.transformer.* (CLIP ViT-L) "
-                     "and conditioner.embedders.1.model.* (OpenCLIP ViT-bigG)",
 )
 
 

@@ -30,12 +30,13 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
 from ..engine.clip_vocab import PAD_SD1, PAD_SD2, VOCAB_SIZE, write_clip_tokenizer
 from ..engine.errors import EdgediffError
+from ..engine.families import by_name
 from ..engine.files import atomic_folder
 
 log = logging.getLogger("edgediff")
@@ -191,25 +192,68 @@ HEAD_DIM = 64  # SD 2.x's and SDXL's num_head_channels, and every CLIP text towe
 
 class TextSlot(NamedTuple):
     """Where one text encoder lives in the checkpoint and in the diffusers folder."""
+    title: str  # for messages
     prefix: str  # its tensors' names in the checkpoint
     config: dict  # its standard config; its transformers class is the config's architecture
     tokenizer: str  # the diffusers folder's tokenizer for it
     pad: str  # that tokenizer's padding token, as the family's repository has it
     open_clip: bool = False  # open_clip's layout (fused q/k/v) rather than transformers'
+    unused_layers: int = 0  # SD 2.x conditions on the penultimate layer: the file's last one is not kept
+    projected: bool = False  # SDXL's bigG: its projected pooled output conditions the UNet too
+
+    def present(self, shapes: dict) -> bool:
+        return (self.prefix + "token_embedding.weight" in shapes if self.open_clip
+                else _text_key(shapes, self.prefix, "embeddings.token_embedding.weight") is not None)
+
+    def tower(self, shapes: dict) -> TextTower:
+        if self.open_clip:
+            return _open_clip_tower(shapes, self.prefix, self.unused_layers, self.projected)
+        return _clip_tower(shapes, self.prefix)
 
 
-# Each family's standard configs, and its text encoders by diffusers folder, in the order the UNet's
-# context concatenates them.
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-UNET_CONFIGS = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}
-VAE_CONFIGS = {"sd1": SD_VAE, "sd2": SD_VAE, "sdxl": SDXL_VAE}
-SCHEDULERS = {"sd1": SD1_SCHEDULER, "sd2": SD2_SCHEDULER, "sdxl": SDXL_SCHEDULER}
-TEXT_ENCODERS = {
-    "sd1": {"text_encoder": TextSlot(CLIP_HF, SD1_TEXT, "tokenizer", PAD_SD1)},
-    "sd2": {"text_encoder": TextSlot(OPEN_CLIP, SD2_TEXT, "tokenizer", PAD_SD2, open_clip=True)},
-    "sdxl": {"text_encoder": TextSlot(SDXL_CLIP, SDXL_TEXT, "tokenizer", PAD_SD1),
-             "text_encoder_2": TextSlot(SDXL_OPEN_CLIP, SDXL_TEXT_2, "tokenizer_2", PAD_SD2, open_clip=True)},
-}
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How a family's single-file checkpoint is recognised and converted. `name` is its Family's in
+    engine/families.py, which stays free of torch and of this module, so these facts live here."""
+    name: str
+    title: str  # for messages
+    texts: dict  # {diffusers folder: TextSlot}, in the order the UNet's context concatenates them
+    unet: dict  # the standard configs; detect() replaces what shapes tell
+    vae: dict
+    scheduler: dict  # to_diffusers sets its prediction_type
+    index: dict  # model_index.json's settings, as the family's repositories write them
+    inpainting_index: dict = field(default_factory=dict)  # and the inpainting model's extra ones
+    marker: str | None = None  # a key prefix naming it even where a text encoder is missing (then refused)
+    head_dim: int | None = None  # UNet heads = block width / head_dim; None: the config's fixed heads
+    text_time: bool = False  # SGM's label_emb (pooled text + micro-conditioning): diffusers' text_time
+    v_prediction_default: bool = False  # SD 2.x: a file is the 768-v model unless inpainting (as diffusers)
+    epsilon_sample_size: int | None = None  # SD 2.x: its epsilon files (the base, inpainting) are 512 px
+
+
+SD1_FORMAT = CheckpointFormat(
+    name="sd1", title="SD 1.x",
+    texts={"text_encoder": TextSlot("CLIP ViT-L", CLIP_HF, SD1_TEXT, "tokenizer", PAD_SD1)},
+    unet=SD1_UNET, vae=SD_VAE, scheduler=SD1_SCHEDULER,
+    index={"requires_safety_checker": False, "safety_checker": [None, None]})  # we export none
+SD2_FORMAT = replace(
+    SD1_FORMAT, name="sd2", title="SD 2.x",
+    texts={"text_encoder": TextSlot("OpenCLIP ViT-H", OPEN_CLIP, SD2_TEXT, "tokenizer", PAD_SD2,
+                                    open_clip=True, unused_layers=1)},
+    unet=SD2_UNET, scheduler=SD2_SCHEDULER, head_dim=HEAD_DIM,
+    v_prediction_default=True, epsilon_sample_size=SD1_UNET["sample_size"])
+SDXL_FORMAT = CheckpointFormat(
+    name="sdxl", title="SDXL",
+    texts={"text_encoder": TextSlot("CLIP ViT-L", SDXL_CLIP, SDXL_TEXT, "tokenizer", PAD_SD1),
+           "text_encoder_2": TextSlot("OpenCLIP ViT-bigG", SDXL_OPEN_CLIP, SDXL_TEXT_2, "tokenizer_2",
+                                      PAD_SD2, open_clip=True, projected=True)},
+    unet=SDXL_UNET, vae=SDXL_VAE, scheduler=SDXL_SCHEDULER, marker=CONDITIONER, head_dim=HEAD_DIM,
+    text_time=True,
+    # An empty negative prompt is zeros, not the encoding of "", as SDXL was trained (the pipeline's
+    # default too, written out as the repository does). The base and its inpainting model take no
+    # aesthetic score: that conditioning is the refiner's.
+    index={"force_zeros_for_empty_prompt": True}, inpainting_index={"requires_aesthetics_score": False})
+# The registry, tried in order: a file with SGM's conditioner is SDXL or refused, whatever else it holds.
+FORMATS = (SDXL_FORMAT, SD2_FORMAT, SD1_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -233,7 +277,7 @@ class TextTower:
 
 @dataclass(frozen=True)
 class Detected:
-    family: str  # "sd1" (CLIP ViT-L text encoder), "sd2" (OpenCLIP ViT-H) or "sdxl" (both, ViT-L + bigG)
+    family: str  # the name of its CheckpointFormat and engine Family
     inpainting: bool
     prediction_type: str  # "epsilon" or "v_prediction"
     sample_size: int  # UNet latent side: 64; 96 for SD 2.x v-prediction (768 px); 128 for SDXL
@@ -262,7 +306,7 @@ class Detected:
 
     def unet_config(self) -> dict:
         heads = self.attention_head_dim
-        config = {**UNET_CONFIGS[self.family], "sample_size": self.sample_size,
+        config = {**self.format.unet, "sample_size": self.sample_size,
                   "in_channels": self.unet_in_channels, "out_channels": self.unet_out_channels,
                   "block_out_channels": list(self.unet_block_out_channels),
                   "layers_per_block": self.unet_layers_per_block,
@@ -279,9 +323,13 @@ class Detected:
                           projection_class_embeddings_input_dim=MICRO_CONDITIONS * t + pooled)
         return config
 
+    @property
+    def format(self) -> CheckpointFormat:
+        return next(f for f in FORMATS if f.name == self.family)
+
     def vae_config(self) -> dict:
         n = len(self.vae_block_out_channels)
-        return {**VAE_CONFIGS[self.family], "sample_size": self.sample_size * 2 ** (n - 1),
+        return {**self.format.vae, "sample_size": self.sample_size * 2 ** (n - 1),
                 "block_out_channels": list(self.vae_block_out_channels),
                 "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
                 "latent_channels": self.vae_latent_channels, "layers_per_block": self.vae_layers_per_block}
@@ -289,19 +337,19 @@ class Detected:
     def text_config(self) -> dict:
         first = TextTower(self.text_width, self.text_layers, self.text_heads, self.text_intermediate,
                           self.text_vocab_size, self.text_max_positions)
-        return first.config(TEXT_ENCODERS[self.family]["text_encoder"].config)
+        return first.config(self.format.texts["text_encoder"].config)
 
     def text_2_config(self) -> dict | None:
-        return self.text_2.config(SDXL_TEXT_2) if self.text_2 else None
+        return self.text_2.config(self.format.texts["text_encoder_2"].config) if self.text_2 else None
 
     def configs(self) -> dict:
         """{diffusers component: config} of the networks."""
         texts = {"text_encoder": self.text_config(), "text_encoder_2": self.text_2_config()}
         return {"unet": self.unet_config(), "vae": self.vae_config(),
-                **{name: texts[name] for name in TEXT_ENCODERS[self.family]}}
+                **{name: texts[name] for name in self.format.texts}}
 
     def scheduler_config(self) -> dict:
-        return {**SCHEDULERS[self.family], "prediction_type": self.prediction_type}
+        return {**self.format.scheduler, "prediction_type": self.prediction_type}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -405,39 +453,31 @@ def detect(shapes: dict[str, tuple[int, ...]], prediction_type: str | None = Non
 
 
 def _detect(shapes: dict[str, tuple[int, ...]], prediction_type: str | None) -> Detected:
-    family = _family(shapes)
+    fmt = _format(shapes)
     if not any(k.startswith(VAE) for k in shapes):
         raise EdgediffError(f"the checkpoint has a UNet but no VAE ({VAE}*); edgediff needs a complete "
                             "SD 1.x, 2.x or SDXL file")
     unet = _detect_unet(shapes)
-    if family == "sd1":
-        texts = [_clip_tower(shapes, CLIP_HF)]
-    elif family == "sd2":  # SD 2.x takes the penultimate layer's output: the last resblock is unused
-        texts = [_open_clip_tower(shapes, OPEN_CLIP, unused_layers=1)]
-    else:
-        texts = [_clip_tower(shapes, SDXL_CLIP), _open_clip_tower(shapes, SDXL_OPEN_CLIP, projected=True)]
+    texts = [slot.tower(shapes) for slot in fmt.texts.values()]
     context = unet["cross_attention_dim"]
     if sum(t.width for t in texts) != context:
         widths = " + ".join(str(t.width) for t in texts)
         raise EdgediffError(f"the text encoder width {widths} differs from the UNet's cross-attention "
                             f"dimension {context}; the checkpoint mixes parts of different models")
-    time_dim = _addition_time_embed_dim(shapes, texts[1].projection_dim) if family == "sdxl" else None
+    time_dim = _addition_time_embed_dim(shapes, texts[-1].projection_dim) if fmt.text_time else None
 
     inpainting = unet["unet_in_channels"] == INPAINT_CHANNELS
     if prediction_type is None:
-        # SD 2.x: the 768-v model, as diffusers assumes; SD 2 inpainting is the 512 epsilon model.
-        v = "v_pred" in shapes or (family == "sd2" and not inpainting)
+        v = "v_pred" in shapes or (fmt.v_prediction_default and not inpainting)
         prediction_type = "v_prediction" if v else "epsilon"
     elif prediction_type not in PREDICTION_TYPES:
         raise EdgediffError(f"unknown prediction type {prediction_type!r}; use epsilon or v_prediction")
-    sample_size = UNET_CONFIGS[family]["sample_size"]
-    if family == "sd2" and prediction_type == "epsilon":  # the 512 px base and inpainting models
-        sample_size = SD1_UNET["sample_size"]
+    sample_size = (prediction_type == "epsilon" and fmt.epsilon_sample_size) or fmt.unet["sample_size"]
     blocks = unet["unet_block_out_channels"]
-    heads = tuple(c // HEAD_DIM for c in blocks) if family != "sd1" else SD1_UNET["attention_head_dim"]
+    heads = tuple(c // fmt.head_dim for c in blocks) if fmt.head_dim else fmt.unet["attention_head_dim"]
     first = texts[0]
     return Detected(
-        family=family, inpainting=inpainting, prediction_type=prediction_type, sample_size=sample_size,
+        family=fmt.name, inpainting=inpainting, prediction_type=prediction_type, sample_size=sample_size,
         attention_head_dim=heads, **unet, **_detect_vae(shapes),
         text_width=first.width, text_layers=first.layers, text_heads=first.heads,
         text_intermediate=first.intermediate, text_vocab_size=first.vocab_size,
@@ -446,22 +486,16 @@ def _detect(shapes: dict[str, tuple[int, ...]], prediction_type: str | None) -> 
     )
 
 
-def _family(shapes: dict) -> str:
-    """sd1, sd2 or sdxl, from the text encoders' names."""
-    if any(k.startswith(CONDITIONER) for k in shapes):
-        clip = _text_key(shapes, SDXL_CLIP, "embeddings.token_embedding.weight")
-        for name, prefix, present in (("CLIP ViT-L", SDXL_CLIP, clip),
-                                      ("OpenCLIP ViT-bigG", SDXL_OPEN_CLIP,
-                                       SDXL_OPEN_CLIP + "token_embedding.weight" in shapes)):
-            if not present:
-                raise EdgediffError(f"this looks like an SDXL checkpoint ({CONDITIONER}* keys) but lacks "
-                                    f"its {name} text encoder ({prefix}*); convert a complete SDXL base "
-                                    "checkpoint")
-        return "sdxl"
-    if OPEN_CLIP + "token_embedding.weight" in shapes:
-        return "sd2"
-    if _text_key(shapes, CLIP_HF, "embeddings.token_embedding.weight"):
-        return "sd1"
+def _format(shapes: dict) -> CheckpointFormat:
+    """The first format whose text encoders are all in the file."""
+    for fmt in FORMATS:
+        missing = [slot for slot in fmt.texts.values() if not slot.present(shapes)]
+        if not missing:
+            return fmt
+        if fmt.marker and any(k.startswith(fmt.marker) for k in shapes):
+            raise EdgediffError(f"this looks like an {fmt.title} checkpoint ({fmt.marker}* keys) but lacks "
+                                f"its {missing[0].title} text encoder ({missing[0].prefix}*); convert a "
+                                f"complete {fmt.title} base checkpoint")
     raise EdgediffError(f"the checkpoint has a UNet but no text encoder (none of {CLIP_HF}*, {OPEN_CLIP}* or "
                         f"{CONDITIONER}*); edgediff needs a complete SD 1.x, 2.x or SDXL file")
 
@@ -613,7 +647,7 @@ def to_diffusers(path: str | Path, out_dir: str | Path, config: Path | None = No
     log.info("%s: %s%s, %s", path.name, found.family, " inpainting" if found.inpainting else "",
              scheduler["prediction_type"])
 
-    texts = TEXT_ENCODERS[found.family]
+    texts = found.format.texts
     with atomic_folder(out) as tmp:
         try:
             _write_unet(tmp / "unet", state, configs["unet"])
@@ -636,10 +670,10 @@ def _configs(path: Path, found: Detected, config: Path | None) -> dict:
     if config is None:
         _check_conventions(path, found)
         return found.configs()
-    names = ["unet", "vae", *TEXT_ENCODERS[found.family]]
+    names = ["unet", "vae", *found.format.texts]
     missing = [n for n in names if not (config / n / "config.json").is_file()]
     if missing:
-        name = FAMILY_NAMES[found.family]
+        name = found.format.title
         raise EdgediffError(f"{path}: {config} has no {missing[0]}/config.json, which an {name} checkpoint "
                             f"needs; give the config folder of an {name} model")
     return {n: _read_json(config / n / "config.json") for n in names}
@@ -661,7 +695,7 @@ def _scheduler_config(found: Detected, config: Path | None, keep_folders_predict
 def _check_conventions(path: Path, found: Detected) -> None:
     """Heads are the one thing shapes do not show; the standard configs assume SD's head size."""
     texts = [found.text_width] + ([found.text_2.width] if found.text_2 else [])
-    widths = texts + (list(found.unet_block_out_channels) if found.family != "sd1" else [])
+    widths = texts + (list(found.unet_block_out_channels) if found.format.head_dim else [])
     if any(w % HEAD_DIM for w in widths):
         raise EdgediffError(f"{path}: its widths {widths} are not multiples of SD's head size {HEAD_DIM}, so "
                             "the attention heads cannot be inferred; give the model's config folder")
@@ -763,23 +797,15 @@ def _model_index(found: Detected, scheduler: dict) -> dict:
     import diffusers
 
     none = [None, None]
-    texts = TEXT_ENCODERS[found.family]
-    if found.family == "sdxl":
-        pipeline = "StableDiffusionXLInpaintPipeline" if found.inpainting else "StableDiffusionXLPipeline"
-        # An empty negative prompt is zeros, not the encoding of "", as SDXL was trained (the pipeline's
-        # default too, written out as the repository does). The base and its inpainting model take no
-        # aesthetic score: that conditioning is the refiner's.
-        extra = {"force_zeros_for_empty_prompt": True,
-                 **({"requires_aesthetics_score": False} if found.inpainting else {})}
-    else:
-        pipeline = "StableDiffusionInpaintPipeline" if found.inpainting else "StableDiffusionPipeline"
-        extra = {"requires_safety_checker": False, "safety_checker": none}
+    fmt = found.format
+    pipelines = by_name(fmt.name).diffusers_pipelines  # (txt2img, img2img, inpainting)
+    extra = {**fmt.index, **(fmt.inpainting_index if found.inpainting else {})}
     return {
-        "_class_name": pipeline, "_diffusers_version": diffusers.__version__,
+        "_class_name": pipelines[2 if found.inpainting else 0], "_diffusers_version": diffusers.__version__,
         "feature_extractor": none, "image_encoder": none, **extra,
         "scheduler": ["diffusers", scheduler["_class_name"]],
-        **{name: ["transformers", slot.config["architectures"][0]] for name, slot in texts.items()},
-        **{slot.tokenizer: ["transformers", "CLIPTokenizer"] for slot in texts.values()},
+        **{name: ["transformers", slot.config["architectures"][0]] for name, slot in fmt.texts.items()},
+        **{slot.tokenizer: ["transformers", "CLIPTokenizer"] for slot in fmt.texts.values()},
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }
 
