@@ -354,3 +354,28 @@ def test_the_core_ml_export_refuses_sdxl_in_one_line(tiny, tmp_path):
     with pytest.raises(EdgediffError, match="Stable Diffusion XL model.*--format onnx") as e:
         export_coreml(tiny("sdxl")[0], tmp_path / "ml", 64, 64)
     assert "\n" not in str(e.value) and not (tmp_path / "ml").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["standard", "sliced", "split-einsum"])
+def test_every_attention_variant_exports_sdxl(tiny, tmp_path, attention):
+    """The variant is checked against standard attention in PyTorch, then the graphs pass the parity gate
+    (fused, the default, is what every other test here runs)."""
+    from edgediff.export.onnx_export import ExportOptions, export_onnx
+
+    m = export_onnx(tiny("sdxl")[0], tmp_path / attention, ExportOptions(attention=attention, slices=2),
+                    profile_memory=False)
+    assert m["components"]["unet"]["attention"] == attention
+    assert all(c["psnr"] is None or c["psnr"] >= 60 for c in m["components"].values())
+
+
+def test_int8_calibration_records_the_sdxl_conditioning(tiny):
+    """--dtype int8 calibrates the UNet on its inputs during real generations: for SDXL those include the
+    pooled text and the micro-conditioning, batched with the rest."""
+    from edgediff.export import quantize
+
+    calls, held_out = quantize.calibration_inputs(tiny("sdxl")[1], 64, prompts=("a red circle",), steps=2)
+    assert len(calls) == 2 and set(held_out) == {"sample", "timestep", "encoder_hidden_states", "text_embeds",
+                                                 "time_ids"}
+    assert held_out["text_embeds"].shape == (2, 40) and held_out["time_ids"].shape == (2, 6)
+    assert held_out["time_ids"][1].tolist() == [64, 64, 0, 0, 64, 64]
