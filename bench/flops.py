@@ -29,7 +29,9 @@ def unet_flops(unet: Path, width: int, height: int, batch: int = 1, cfg: bool = 
     n = 2 * batch if cfg else batch
     return graph_flops(unet, {"sample": {0: n, 2: height // vae_scale_factor, 3: width // vae_scale_factor},
                               "timestep": {0: n},
-                              "encoder_hidden_states": {0: n, 1: TEXT_TOKENS}})
+                              "encoder_hidden_states": {0: n, 1: TEXT_TOKENS},
+                              # SDXL's added conditioning (absent from SD's graphs: ignored there)
+                              "text_embeds": {0: n}, "time_ids": {0: n}})
 
 
 def graph_flops(path: Path, dims: dict[str, dict[int, int]]) -> int:

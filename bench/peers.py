@@ -142,7 +142,8 @@ def run_edgediff(spec: dict) -> dict:
                                     memory_budget=budget)
     report["load_s"] = time.perf_counter() - start
     latents = np.load(spec["latents"])
-    call = dict(negative_prompt=spec["negative"], guidance_scale=spec["guidance"], width=spec["width"],
+    # no negative prompt is None for every runner: SDXL then uses zero conditioning, as diffusers does
+    call = dict(negative_prompt=spec["negative"] or None, guidance_scale=spec["guidance"], width=spec["width"],
                 height=spec["height"], scheduler=spec["scheduler"], num_images_per_prompt=spec["batch"],
                 seed=spec["seed"], latents=latents)
     if spec["warmup_steps"]:
@@ -193,23 +194,34 @@ def _rung_budget(spec: dict, rung: str, backend: str) -> int:
     return peaks[rung] + (min(faster) - peaks[rung]) // 4 if faster else 2 * peaks[rung]
 
 
+def pipeline_class(folder: str) -> str:
+    """The diffusers pipeline class the folder's model_index.json names (StableDiffusionPipeline,
+    StableDiffusionXLPipeline, ...): this file runs in optimum's venv too, without edgediff's family
+    records, and the folder says it itself."""
+    return json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "StableDiffusionPipeline")
+
+
 def run_diffusers(spec: dict) -> dict:
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
 
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(spec["model"], safety_checker=None, requires_safety_checker=False,
-                                                   torch_dtype=torch.float32)
+    cls = pipeline_class(spec["model"])
+    extra = {"safety_checker": None, "requires_safety_checker": False} if cls == "StableDiffusionPipeline" else {}
+    pipe = getattr(diffusers, cls).from_pretrained(spec["model"], torch_dtype=torch.float32, **extra)
     with torch.inference_mode():
         return _run_peer(pipe, spec, {}, start, "diffusers", f"torch {torch.__version__}, CPU, fp32")
 
 
 def run_optimum(spec: dict) -> dict:
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
+    import optimum.onnxruntime
 
     start = time.perf_counter()
-    # export=False: the folder must load as it is (optimum would otherwise re-export one it deems incomplete)
-    pipe = ORTStableDiffusionPipeline.from_pretrained(spec["model"], export=False)
+    # optimum's classes are diffusers' with ORT in front (ORTStableDiffusionXLPipeline for SDXL); its
+    # export writes the source's model_index.json. export=False: the folder must load as it is (optimum
+    # would otherwise re-export one it deems incomplete)
+    cls = getattr(optimum.onnxruntime, "ORT" + pipeline_class(spec["model"]))
+    pipe = cls.from_pretrained(spec["model"], export=False)
     providers = pipe.unet.session.get_providers()
     return _run_peer(pipe, spec, {}, start, "optimum", ", ".join(providers))
 
@@ -225,6 +237,8 @@ def _run_peer(pipe, spec: dict, report: dict, start: float, runner: str, device:
     report["load_s"] = time.perf_counter() - start
     timings: dict[str, float] = {}
     _time_calls(timings, "text_encoder", pipe.text_encoder, "forward")
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: both encoders are the text stage, as in edgediff
+        _time_calls(timings, "text_encoder", pipe.text_encoder_2, "forward")
     _time_calls(timings, "unet", pipe.unet, "forward")
     _time_calls(timings, "vae_decoder", pipe.vae, "decode")
     latents = torch.from_numpy(np.load(spec["latents"]))
