@@ -239,8 +239,8 @@ class Pipeline:
         """Generate. The arguments are diffusers' StableDiffusion(XL)Pipeline's. Models with two text
         encoders (SDXL) also take `prompt_2` and `negative_prompt_2` (for the second encoder; default: the
         first's) and the micro-conditioning sizes, (height, width) in pixels, as diffusers: original and
-        target size default to the output size, the crop corner to (0, 0), the negative ones to these.
-        `timestep_spacing` ("leading", "linspace" or "trailing") overrides the model's scheduler config:
+        target size default to the output size, the crop corner to (0, 0); the negative sizes count when
+        both are given, as in diffusers. `timestep_spacing` ("leading", "linspace" or "trailing") overrides the model's scheduler config:
         single files carry none, and few-step models (Turbo, Lightning) need "trailing", which
         AUTOMATIC1111 calls the SGM Uniform schedule."""
         timings: dict[str, float] = {}
@@ -250,16 +250,11 @@ class Pipeline:
         # 1. Check inputs and settle sizes, seeds and the schedule.
         prompts = arg.texts("prompt", prompt)
         negatives = _negatives(negative_prompt, len(prompts))
-        sdxl_only = {"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2, "original_size": original_size,
-                     "target_size": target_size, "negative_original_size": negative_original_size,
-                     "negative_crops_coords_top_left": negative_crops_coords_top_left,
-                     "negative_target_size": negative_target_size,
-                     "crops_coords_top_left": None if tuple(crops_coords_top_left or (0, 0)) == (0, 0) else 1}
-        given = [k for k, v in sdxl_only.items() if v is not None]
-        if given and len(family.text_encoders) < 2 and not family.micro_conditioning:
-            raise EdgediffError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for SDXL models, and "
-                                f"{model.name} is a {family.title} model; leave {'it' if len(given) == 1 else 'them'} "
-                                "out, or use an SDXL model")
+        _refuse_unused(model, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
+                       crops_coords_top_left=None if _is_origin(crops_coords_top_left) else crops_coords_top_left,
+                       target_size=target_size, negative_original_size=negative_original_size,
+                       negative_crops_coords_top_left=negative_crops_coords_top_left,
+                       negative_target_size=negative_target_size)
         prompts_2 = prompts if prompt_2 is None else _per_prompt("prompt_2", prompt_2, len(prompts))
         negatives_2 = negatives if negative_prompt_2 is None else \
             _per_prompt("negative_prompt_2", negative_prompt_2, len(prompts))
@@ -549,6 +544,24 @@ def _spacing(config: SchedulerConfig, spacing) -> SchedulerConfig:
         raise EdgediffError(f"timestep_spacing {spacing!r} is not one of {', '.join(TIMESTEP_SPACINGS)} "
                             "(trailing is AUTOMATIC1111's SGM Uniform, for Turbo and Lightning models)")
     return dataclasses.replace(config, timestep_spacing=spacing)
+
+
+def _refuse_unused(model: ModelInfo, **given) -> None:
+    """Arguments for a second text encoder or for micro-conditioning, given to a model that has neither,
+    are a mistake (an SDXL recipe on an SD 1.5 model): one line, rather than silently ignored."""
+    family = model.family
+    named = [k for k, v in given.items() if v is not None
+             and not (k.endswith("prompt_2") and len(family.text_encoders) > 1)
+             and not (not k.endswith("prompt_2") and family.micro_conditioning)]
+    if named:
+        it = "it" if len(named) == 1 else "them"
+        raise EdgediffError(f"{', '.join(named)} {'is' if len(named) == 1 else 'are'} for SDXL models, and "
+                            f"{model.name} is a {family.title} model; leave {it} out, or use an SDXL model")
+
+
+def _is_origin(corner) -> bool:
+    return isinstance(corner, (tuple, list)) and len(corner) == 2 and all(
+        isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c == 0 for c in corner)
 
 
 def _per_prompt(name: str, value, n: int) -> list[str]:
