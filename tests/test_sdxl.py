@@ -407,3 +407,24 @@ def test_sdxl_decodes_in_tiles_when_planned(tiny, monkeypatch):
     assert psnr(blended.images[0], whole.images[0]) >= 35, f"{psnr(blended.images[0], whole.images[0]):.1f} dB"
     assert split.plan.vae_margin and split.images[0].size == (512, 384)
     assert {"vae_decoder_head", "vae_decoder_tail"} <= set(opened)
+
+
+def test_the_text_streamed_plan_keeps_the_unet_and_frees_the_encoders(tiny):
+    """The rung an 8 GB card gets for SDXL: both text encoders are loaded, run and freed each call, the
+    UNet and the decoder stay loaded between calls; the picture is the resident plan's."""
+    from edgediff.engine.plan import RUNGS, _plan, component_facts
+
+    pipe = Pipeline.from_pretrained(tiny("sdxl")[1], backend="cpu")
+    args = dict(prompt=PROMPT, num_inference_steps=2, seed=SEED)
+    resident = pipe(**args)
+    request = resident.plan.request
+    peaks = {r[0]: _plan(pipe.model, component_facts(pipe.model), request, pipe.device, 10 ** 12, *r).predicted_peak
+             for r in RUNGS}
+    assert peaks["text-streamed"] < peaks["resident"]
+    lean = Pipeline.from_pretrained(tiny("sdxl")[1], backend="cpu",
+                                    memory_budget=(peaks["text-streamed"] + peaks["resident"]) // 2)
+    result = lean(**args)
+    assert result.plan.rung == "text-streamed"
+    assert result.plan.streamed == ("text_encoder", "text_encoder_2")
+    assert set(lean._sessions) == {"unet", "vae_decoder"}
+    assert psnr(result.images[0], resident.images[0]) == float("inf")
