@@ -1,9 +1,9 @@
 """The planner's predicted peak against the measured peak of real generations, on this machine.
 
-    python -m edgediff.bench.plan_memory [--sizes 256 512 768] [--rungs resident streamed-lean]
+    python -m edgediff.bench.plan_memory [--model sdxl] [--sizes 1024] [--rungs streamed streamed-lean]
 
 Each generation runs in a process of its own (`edgediff generate`, one step: the peak does not grow
-with steps), on the export of the full-size SD 1.5 architecture that bench/export_memory.py keeps. A
+with steps), on the fp32 export of the full-size architecture that bench/export_memory.py keeps. A
 rung is forced through the budget: a budget just above that rung's prediction and below every faster
 rung's. The measured figure is the process's peak resident memory during the generation (VmHWM, reset
 when the generation starts), which is what the plan budgets.
@@ -15,8 +15,10 @@ import argparse
 import re
 import sys
 
-from .export_memory import exported_sd15
+from .export_memory import MODELS, exported
 from .measure import run_measured
+
+SIZES = {"sd15": [256, 512, 768], "sdxl": [1024]}  # default sizes: around each family's native one
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,19 +27,21 @@ def main(argv: list[str] | None = None) -> None:
     from ..engine.plan import RUNGS, Request, _plan, component_facts
 
     p = argparse.ArgumentParser(prog="python -m edgediff.bench.plan_memory", description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768])
+    p.add_argument("--model", default="sd15", choices=tuple(MODELS))
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="default: " + "; ".join(
+        f"{k} {' '.join(map(str, v))}" for k, v in SIZES.items()))
     p.add_argument("--rungs", nargs="+", default=["resident", "streamed-lean"])
     args = p.parse_args(argv)
-    folder = exported_sd15("fp32")
+    folder = exported(args.model, "fp32")
     if not (folder / "edgediff.json").is_file():
         sys.exit(f"{folder} is missing: run python -m edgediff.bench.export_memory first")
     model = read_model_folder(folder)
     facts = component_facts(model)
     _, device = select("cpu")
     names = [r[0] for r in RUNGS]
-    print(f"SD 1.5 architecture, fp32, CPU ({device.name}); one step, CFG 7.5, Euler")
+    print(f"{MODELS[args.model][1]}, fp32, CPU ({device.name}); one step, CFG 7.5, Euler")
     print(f"{'size':>6s} {'rung':16s} {'predicted':>10s} {'measured':>10s} {'error':>7s}")
-    for size in args.sizes:
+    for size in args.sizes or SIZES[args.model]:
         request = Request(size, size)
         peaks = {r[0]: _plan(model, facts, request, device, 10 ** 13, *r).predicted_peak for r in RUNGS}
         for rung in args.rungs:

@@ -2,8 +2,9 @@
 
 A benchmark measures the engine, not the picture, so it needs SD 1.5's shapes (860M-parameter UNet,
 123M-parameter CLIP ViT-L text tower, 84M-parameter VAE) and nothing from the network: the configs are
-export/single_file.py's copies of the reference repository's, the weights are drawn from a fixed seed.
-The folder is built once into the cache and reused (about 4.3 GB of fp32 safetensors).
+export/single_file.py's copies of the reference repository's, the weights are drawn from a fixed seed
+(bench/random_weights.py). The folder is built once into the cache and reused (about 4.3 GB of fp32
+safetensors).
 
     python -m edgediff.bench.sd15 [--out DIR]     # prints the folder
 """
@@ -11,8 +12,9 @@ The folder is built once into the cache and reused (about 4.3 GB of fp32 safeten
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from . import random_weights as rw
 
 SEED = 0
 VERSION = 1  # bump when what is built changes, so old caches are not reused
@@ -26,44 +28,20 @@ def default_folder() -> Path:
 
 def build_sd15(out: Path | None = None) -> Path:
     """The diffusers folder of SD 1.5 with random weights, built the first time (atomically)."""
-    out = Path(out) if out else default_folder()
-    if (out / "model_index.json").is_file():
-        return out
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ..engine.clip_vocab import write_clip_tokenizer
-    from ..engine.files import atomic_folder
+    from ..engine.clip_vocab import PAD_SD1
     from ..export.single_file import SD1_SCHEDULER, SD1_TEXT, SD1_UNET, SD_VAE
 
-    with atomic_folder(out) as tmp:
-        torch.manual_seed(SEED)
-        # One component at a time, saved and freed: the peak stays at the UNet's 3.4 GB.
-        for name, build in (
-            ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**{k: v for k, v in SD1_TEXT.items()
-                                                                     if k != "architectures"}))),
-            ("unet", lambda: UNet2DConditionModel(**_init_args(SD1_UNET))),
-            ("vae", lambda: AutoencoderKL(**_init_args(SD_VAE))),
-        ):
-            model = build().eval()
-            model.save_pretrained(tmp / name, safe_serialization=True)
-            del model
-        write_clip_tokenizer(tmp / "tokenizer")
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER, indent=2))
-        (tmp / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "scheduler": ["diffusers", "PNDMScheduler"],
-            "safety_checker": [None, None], "feature_extractor": [None, None],
-        }, indent=2))
-    return out
-
-
-def _init_args(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+    return rw.build_random_folder(
+        Path(out) if out else default_folder(), SEED,
+        # the peak stays at the UNet's 3.4 GB
+        {"text_encoder": lambda: rw.text_encoder(SD1_TEXT), "unet": lambda: rw.unet(SD1_UNET),
+         "vae": lambda: rw.vae(SD_VAE)},
+        {"tokenizer": PAD_SD1}, SD1_SCHEDULER,
+        {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
+         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+         "scheduler": ["diffusers", "PNDMScheduler"],
+         "safety_checker": [None, None], "feature_extractor": [None, None]})
 
 
 def main(argv: list[str] | None = None) -> None:
