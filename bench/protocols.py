@@ -29,7 +29,9 @@ PROMPT = "a photograph of an astronaut riding a horse"  # diffusers' example pro
 @dataclass(frozen=True)
 class Protocol:
     name: str
-    model: str  # "sd15": bench/sd15.py's random-weight SD 1.5; "builtin"; or any source `edgediff export` takes
+    # "sd15", "sdxl": bench/sd15.py's and bench/sdxl.py's random-weight architectures; "builtin"; or any
+    # source `edgediff export` takes
+    model: str
     width: int
     height: int
     steps: int
@@ -48,6 +50,10 @@ class Protocol:
 PROTOCOLS = {
     "sd15-512": Protocol("sd15-512", "sd15", 512, 512, 20),
     "sd15-256": Protocol("sd15-256", "sd15", 256, 256, 20),
+    # SDXL base at its native size, and at 512x512 with few steps: short enough for a CPU (the UNet's
+    # 2.6B parameters cost about three times SD 1.5's per latent pixel)
+    "sdxl-1024": Protocol("sdxl-1024", "sdxl", 1024, 1024, 20),
+    "sdxl-512": Protocol("sdxl-512", "sdxl", 512, 512, 4),
     # CI: the built-in model at its native 64x64, few steps; seconds per run
     "tiny": Protocol("tiny", "builtin", 64, 64, 8),
 }
@@ -56,6 +62,7 @@ PROTOCOLS = {
 # the int8 "fast" export, which will register itself here.
 VARIANTS: dict[str, dict] = {"default": {}}
 DTYPES = ("fp32", "fp16", "int8")
+BENCH_MODELS = ("sd15", "sdxl")  # built locally with random weights (bench/export_memory.MODELS)
 PEERS = ("diffusers", "optimum")
 
 
@@ -155,13 +162,12 @@ def prepare(model: str, dtype: str = "fp32", variant: str = "default") -> dict:
 
     options = ExportOptions(dtype=dtype, **VARIANTS[variant])
     folder = Path(model).expanduser()
-    if model == "sd15":
-        from .export_memory import exported_sd15
-        from .sd15 import build_sd15
+    if model in BENCH_MODELS:
+        from .export_memory import built, exported
 
-        source = build_sd15()
+        source = built(model)
         if options == ExportOptions(dtype=dtype):  # the folder bench/export_memory.py keeps, shared
-            onnx = exported_sd15(dtype)
+            onnx = exported(model, dtype)
             if not (onnx / "edgediff.json").is_file():
                 export_model(source, onnx, options, force=True)
         else:

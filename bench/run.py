@@ -6,7 +6,8 @@
     edgediff bench compare A.json B.json --png chart.png
 
 1. The protocol (bench/protocols.py) fixes the model, size, batch, steps, CFG, Euler, prompt and seed.
-   Without --model the `sd15` protocols build SD 1.5 with random weights (bench/sd15.py) and export it.
+   Without --model the `sd15` and `sdxl` protocols build their architecture with random weights
+   (bench/sd15.py, bench/sdxl.py) and export it.
 2. Each model edgediff runs is exported first, in a child process (exports import torch; this process
    never does), and the initial latents are drawn once (edgediff.engine.noise) into latents.npy.
 3. Every runner, each edgediff row and each peer, runs in its own process (bench/peers.py), measured by

@@ -13,6 +13,8 @@ trades speed for memory in the way users of AUTOMATIC1111 pick by hand (--medvra
                       work does not grow with the picture) loaded, run and freed each call: the UNet
                       stays loaded between calls (SDXL's 1.6 GB of encoders on an 8 GB card)
     sequential-cfg    as resident, the UNet called twice per step with half the batch
+    text-streamed-tiled  text-streamed, and the VAE decodes in tiles (below): SDXL's whole decode at
+                      1024x1024 needs 4 GB beside a UNet that stays loaded
     streamed          each component loaded, run and freed in turn (text -> UNet -> VAE)
     streamed-tiled    streamed, and the VAE decodes in tiles (engine/tiling.py: with image-wide
                       GroupNorm statistics where the export has the split decoder)
@@ -175,6 +177,7 @@ RUNGS = (  # name, cfg batched, streamed (False, "text" or True: everything), ti
     ("resident", True, False, False, False),
     ("text-streamed", True, "text", False, False),
     ("sequential-cfg", False, False, False, False),
+    ("text-streamed-tiled", True, "text", True, False),
     ("streamed", True, True, False, False),
     ("streamed-tiled", True, True, True, False),
     ("streamed-lean", False, True, True, False),

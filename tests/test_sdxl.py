@@ -20,9 +20,11 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from pictures import centre_mask, scene
 
 from edgediff import Pipeline
+from edgediff.backends.base import Device
 from edgediff.engine import noise
 from edgediff.engine.errors import EdgediffError
 from edgediff.engine.metrics import psnr
+from edgediff.engine.plan import RUNGS, ComponentFacts, GiB, Request, _plan, make_plan
 
 MIN_PSNR = 60.0
 SCHEDULERS = {
@@ -428,3 +430,109 @@ def test_the_text_streamed_plan_keeps_the_unet_and_frees_the_encoders(tiny):
     assert result.plan.streamed == ("text_encoder", "text_encoder_2")
     assert set(lean._sessions) == {"unet", "vae_decoder"}
     assert psnr(result.images[0], resident.images[0]) == float("inf")
+
+
+@pytest.mark.slow
+def test_the_sdxl_protocol_runs_against_diffusers(tiny, tmp_path, capsys):
+    """`edgediff bench --protocol sdxl-512` in the sd15 protocols' form: the protocol with the tiny SDXL as
+    --model, against diffusers' StableDiffusionXLPipeline, same latents: one table, the same picture."""
+    import json
+
+    from edgediff.cli import main
+
+    code = main(["bench", "--protocol", "sdxl-512", "--model", str(tiny("sdxl")[0]), "--width", "64",
+                 "--height", "64", "--steps", "2", "--against", "diffusers", "--json", str(tmp_path / "r.json"),
+                 "--out-dir", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["protocol"]["name"] == "sdxl-512" and report["protocol"]["overrides"] == ["height", "model",
+                                                                                            "steps", "width"]
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"edgediff fp32", "diffusers"} and all(r["status"] == "ok" for r in rows.values())
+    assert rows["diffusers"]["stages"]["text_encoder"] > 0 and report["unet_flops_per_step"] > 0
+    ours = rows["edgediff fp32"]
+    assert ours["psnr_note"] == "identical" or ours["psnr_db"] > 40, ours
+
+
+# -- the planner on the full-size SDXL architecture ---------------------------------------------------
+
+# SDXL base's components as edgediff exports them, measured: `python -m edgediff.bench.export_memory --model
+# sdxl` exports bench/sdxl.py's random-weight SDXL (fp32, fused attention), and its edgediff.json gives
+# each graph's bytes on disk and activation profile. An fp16 export halves both (as tests/test_plan.py
+# does for SD 1.5).
+SDXL_FP32 = {
+    "text_encoder": ComponentFacts(463_614_807, (0.0, 3500276.0, 0.0)),
+    "text_encoder_2": ComponentFacts(2_777_124_417, (0.0, 7227228.0, 0.0)),
+    "unet": ComponentFacts(10_269_056_765, (0.0, 22672.02, 0.0)),
+    "vae_encoder": ComponentFacts(136_692_400, (0.0, 131194.8, 0.0)),
+    "vae_decoder": ComponentFacts(197_988_758, (0.0, 262130.97, 0.017455)),
+    "vae_decoder_head": ComponentFacts(108_157_945, (0.0, 16360.56, 0.031388)),
+    "vae_decoder_tail": ComponentFacts(90_231_466, (0.0, 327971.04, 0.0),
+                                       {"norms": 19, "groups": 32, "channels": 512, "margin": 12}),
+}
+SDXL_FP16 = {k: ComponentFacts(v.weights // 2, tuple(c / 2 for c in v.fit), v.extra) for k, v in SDXL_FP32.items()}
+# Simulated devices: what each backend's probe would report. Free memory is what such a card or Mac has
+# with little else running (a 6 GB card driving a light desktop; an 8 GB Mac after a restart).
+DEVICES = {
+    "rtx-4060-8gb": Device("cuda", "NVIDIA GeForce RTX 4060", ("CUDAExecutionProvider",), 8 * GiB, int(7.4 * GiB),
+                           fp16=True),
+    "rx-7600-8gb": Device("rocm", "AMD Radeon RX 7600", ("MIGraphXExecutionProvider",), 8 * GiB, int(7.5 * GiB),
+                          fp16=True),
+    "m2-8gb": Device("coreml", "Apple M2", ("CoreMLExecutionProvider",), 8 * GiB, int(7.0 * GiB),
+                     unified_memory=True, fp16=True),
+    "rtx-2060-6gb": Device("cuda", "NVIDIA GeForce RTX 2060", ("CUDAExecutionProvider",), 6 * GiB, int(5.7 * GiB),
+                           fp16=True),
+    "gtx-1650-4gb": Device("cuda", "NVIDIA GeForce GTX 1650", ("CUDAExecutionProvider",), 4 * GiB, int(3.6 * GiB),
+                           fp16=True),
+}
+
+
+def sdxl_fp16():
+    from types import SimpleNamespace
+
+    from edgediff.engine.families import SDXL
+
+    return SimpleNamespace(family=SDXL, vae_scale_factor=8, path=None,
+                           export_manifest={"dtype": "fp16", "attention": "fused"})
+
+
+@pytest.mark.parametrize("name", ["rtx-4060-8gb", "rx-7600-8gb", "m2-8gb"])
+def test_sdxl_1024_fits_an_8gb_card_under_7gb_with_no_flag(name):
+    """The fastest plan whose prediction fits 7 GB: the text encoders are freed (or run on the host)
+    before the UNet loads, and the decode fits beside what stays."""
+    device, request, model = DEVICES[name], Request(1024, 1024), sdxl_fp16()
+    plan = make_plan(model, request, device, facts=SDXL_FP16)
+    assert plan.predicted_peak <= 7 * GiB and plan.budget == 7 * GiB
+    order = [r[0] for r in RUNGS]
+    for rung in RUNGS[:order.index(plan.rung)]:  # every faster rung was predicted over
+        assert _plan(model, SDXL_FP16, request, device, plan.budget, *rung).predicted_peak > 7 * GiB
+    unet = next(s for s in plan.stages if s.name == "unet")
+    held = unet.detail.split("weights ")[1]
+    assert float(held.split(" GB")[0]) < 5.0  # the UNet's 4.8 GiB and the decoder's at most: no encoder
+    assert "text_encoder_2" not in plan.resident and plan.dtype == "fp16"
+
+
+def test_sdxl_on_a_6gb_card_gets_a_leaner_plan_and_4gb_a_refusal_that_says_what_would_fit():
+    model, request = sdxl_fp16(), Request(1024, 1024)
+    order = [r[0] for r in RUNGS]
+    eight = make_plan(model, request, DEVICES["rtx-4060-8gb"], facts=SDXL_FP16)
+    six = make_plan(model, request, DEVICES["rtx-2060-6gb"], facts=SDXL_FP16)
+    assert order.index(six.rung) > order.index(eight.rung)
+    assert six.predicted_peak <= six.budget == DEVICES["rtx-2060-6gb"].free_memory
+    assert six.on_host == ("text_encoder", "text_encoder_2")  # a discrete card spares the encoders' 1.5 GB
+    with pytest.raises(EdgediffError) as e:
+        make_plan(model, request, DEVICES["gtx-1650-4gb"], facts=SDXL_FP16)
+    message = str(e.value)
+    # the UNet's fp16 weights alone are 4.8 GiB: no size fits 4 GB, and the line says what would
+    assert "\n" not in message and "what would fit: a budget of 5.60 GB" in message
+    assert "no smaller size" in message and "GTX 1650" in message
+
+
+def test_sdxl_at_768_fits_the_6gb_card_with_room():
+    """What the 6 GB card's refusal-free sizes look like: 768x768 takes a faster rung than 1024."""
+    model = sdxl_fp16()
+    order = [r[0] for r in RUNGS]
+    small = make_plan(model, Request(768, 768), DEVICES["rtx-2060-6gb"], facts=SDXL_FP16)
+    big = make_plan(model, Request(1024, 1024), DEVICES["rtx-2060-6gb"], facts=SDXL_FP16)
+    assert order.index(small.rung) < order.index(big.rung)  # the memory a smaller picture frees buys speed
+    assert small.predicted_peak <= small.budget and big.predicted_peak <= big.budget
