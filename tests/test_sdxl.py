@@ -536,3 +536,16 @@ def test_sdxl_at_768_fits_the_6gb_card_with_room():
     big = make_plan(model, Request(1024, 1024), DEVICES["rtx-2060-6gb"], facts=SDXL_FP16)
     assert order.index(small.rung) < order.index(big.rung)  # the memory a smaller picture frees buys speed
     assert small.predicted_peak <= small.budget and big.predicted_peak <= big.budget
+
+
+def test_an_sdxl_option_on_an_sd_model_from_the_command_line_writes_nothing(tiny, tmp_path, capsys):
+    from edgediff.cli import main
+
+    out = tmp_path / "x.png"
+    code = main(["generate", PROMPT, "--model", str(tiny("sd1")[1]), "--prompt-2", "a cat", "--steps", "1",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("edgediff: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "prompt_2 is for SDXL models" in lines[0] and "Stable Diffusion 1.x" in lines[0]
+    assert list(tmp_path.iterdir()) == []
