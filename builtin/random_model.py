@@ -101,20 +101,25 @@ def build_random_model(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
         cls = StableDiffusionInpaintPipeline if spec.kind == "inpaint" else StableDiffusionPipeline
         pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        model_dir = tmp / "model"
-        pipe.save_pretrained(model_dir, safe_serialization=True)
         # The scheduler config exactly as the SD 1.5 and SD 2.1 repositories ship it: written by old
         # diffusers, without `timestep_spacing`, so every scheduler falls back to its own default.
-        (model_dir / "scheduler" / "scheduler_config.json").write_text(
-            json.dumps(SD2_SCHEDULER_CONFIG if sd2 else SD1_SCHEDULER_CONFIG, indent=2))
-        card = {"kind": spec.kind, "seed": spec.seed, "weights": "random", "built_by": "edgediff.builtin"}
-        (model_dir / "edgediff_model.json").write_text(json.dumps(card, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(model_dir, out)
+        _save(pipe, tmp, out, spec, SD2_SCHEDULER_CONFIG if sd2 else SD1_SCHEDULER_CONFIG)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _save(pipe, tmp: Path, out: Path, spec: TinySpec, scheduler_config: dict) -> None:
+    """The pipeline's folder with the scheduler config as its repository ships it and a model card,
+    renamed into place."""
+    model_dir = tmp / "model"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    card = {"kind": spec.kind, "seed": spec.seed, "weights": "random", "built_by": "edgediff.builtin"}
+    (model_dir / "edgediff_model.json").write_text(json.dumps(card, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(model_dir, out)
 
 
 def _build_sdxl(out: Path, spec: TinySpec) -> Path:
@@ -165,14 +170,7 @@ def _build_sdxl(out: Path, spec: TinySpec) -> Path:
         pipe = cls(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
                    tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
                    **extra)
-        model_dir = tmp / "model"
-        pipe.save_pretrained(model_dir, safe_serialization=True)
-        (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER_CONFIG, indent=2))
-        card = {"kind": spec.kind, "seed": spec.seed, "weights": "random", "built_by": "edgediff.builtin"}
-        (model_dir / "edgediff_model.json").write_text(json.dumps(card, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(model_dir, out)
+        _save(pipe, tmp, out, spec, SDXL_SCHEDULER_CONFIG)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
