@@ -87,12 +87,13 @@ class Pipeline:
     """A model on a backend, ready to generate. Thread-safe: calls from several threads run one at a time
     (each waits for the pipeline's lock) and each gets the pictures it would get alone."""
 
-    def __init__(self, model: ModelInfo, backend, device, tokenizers: tuple[ClipTokenizer, ...],
+    def __init__(self, model: ModelInfo, backend, device, tokenizer: ClipTokenizer | tuple[ClipTokenizer, ...],
                  safety_checker: bool = True, memory_budget: str | int | None = None):
         self.model = model
         self.backend = backend
         self.device = device
-        self.tokenizers = tuple(tokenizers)  # one per text encoder of the family, in its order
+        # one per text encoder of the family, in its order (SD's single one may be given alone)
+        self.tokenizers = tuple(tokenizer) if isinstance(tokenizer, (tuple, list)) else (tokenizer,)
         self.tokenizer = self.tokenizers[0]
         # on when the model ships a safety checker, as in diffusers; off by the user's choice only
         self.safety_checker = safety_checker and model.has(SAFETY_CHECKER)
