@@ -133,7 +133,7 @@ class Pipeline:
             pipe.plan = pipe.make_plan(Request(model.native_size, model.native_size))
         except EdgediffError:
             return pipe  # the native size does not fit this budget; a smaller request may: plan per call
-        for spec in (*model.family.required, VAE_DECODER):
+        for spec in model.family.required:  # the text encoders, the UNet and the VAE decoder
             if spec.name in pipe.plan.resident:
                 pipe._session(spec)
         return pipe
@@ -241,9 +241,9 @@ class Pipeline:
         encoders (SDXL) also take `prompt_2` and `negative_prompt_2` (for the second encoder; default: the
         first's) and the micro-conditioning sizes, (height, width) in pixels, as diffusers: original and
         target size default to the output size, the crop corner to (0, 0); the negative sizes count when
-        both are given, as in diffusers. `timestep_spacing` ("leading", "linspace" or "trailing") overrides the model's scheduler config:
-        single files carry none, and few-step models (Turbo, Lightning) need "trailing", which
-        AUTOMATIC1111 calls the SGM Uniform schedule."""
+        both are given, as in diffusers. `timestep_spacing` ("leading", "linspace" or "trailing")
+        overrides the model's scheduler config: single files carry none, and few-step models (Turbo,
+        Lightning) need "trailing", which AUTOMATIC1111 calls the SGM Uniform schedule."""
         timings: dict[str, float] = {}
         model = self.model
         family = model.family
@@ -306,22 +306,12 @@ class Pipeline:
         # 3. Text: tokens -> the UNet's conditioning, unconditional first as diffusers batches them:
         # encoder_hidden_states (2B or B, 77, D), and for SDXL text_embeds (2B or B, P), time_ids (2B or B, 6).
         with _timed(timings, "text_encoder"):
-            cond = self._encode_text((prompts, prompts_2), (negatives, negatives_2) if cfg else None,
-                                     zero_negative, num_images_per_prompt)
+            conditioning = self._encode_text((prompts, prompts_2), (negatives, negatives_2) if cfg else None,
+                                             zero_negative, num_images_per_prompt)
             if family.micro_conditioning:
-                size = (height, width)
-                ids = _time_ids("", original_size or size, crops_coords_top_left, target_size or size)
-                negative_ids = ids
-                # diffusers' rule: the negative sizes count when both are given (their crop then
-                # defaults to (0, 0)); otherwise the negative rows repeat the positive ones
-                if negative_original_size is not None and negative_target_size is not None:
-                    negative_ids = _time_ids("negative_", negative_original_size,
-                                             negative_crops_coords_top_left or (0, 0), negative_target_size)
-                elif negative_original_size is not None or negative_target_size is not None:
-                    log.warning("negative_original_size and negative_target_size are used together; with one "
-                                "of them alone the negative conditioning repeats the positive sizes")
-                rows = [negative_ids] * batch * cfg + [ids] * batch
-                cond["time_ids"] = np.array(rows, dtype=np.float32)  # (2B or B, 6)
+                conditioning["time_ids"] = _time_id_rows(
+                    (height, width), batch, cfg, original_size, crops_coords_top_left, target_size,
+                    negative_original_size, negative_crops_coords_top_left, negative_target_size)  # (2B or B, 6)
 
         # 4. Initial latents: noise for txt2img; the encoded image noised to the first step otherwise.
         noise = latents if latents is not None else rnd.batch_noise(seeds, rnd.INITIAL, latent_shape)
@@ -354,10 +344,10 @@ class Pipeline:
         bar = _progress(len(steps), progress)
         with self._using(family.unet) as unet, closing(bar):  # the bar ends its line even when a step raises
             if plan.cfg_batched:  # the same conditioning every step: on a GPU, sent to it once (IO binding)
-                for name, value in cond.items():
+                for name, value in conditioning.items():
                     unet.keep(name, value)
-            halves = [dict(zip(cond, parts)) for parts in zip(*(np.split(v, 2) for v in cond.values()))] \
-                if not plan.cfg_batched else None
+            halves = None if plan.cfg_batched else \
+                [dict(zip(conditioning, parts)) for parts in zip(*(np.split(v, 2) for v in conditioning.values()))]
             for n, i in enumerate(steps):
                 model_input = np.concatenate([x, x]) if cfg else x  # (2B, 4, h, w)
                 model_input = sched.scale_model_input(schedule, i, model_input)
@@ -573,6 +563,20 @@ def _per_prompt(name: str, value, n: int) -> list[str]:
     if len(texts) != n:
         raise EdgediffError(f"{len(texts)} {name} texts for {n} prompts; give one per prompt")
     return texts
+
+
+def _time_id_rows(size, batch: int, cfg: bool, original, crop, target, negative_original, negative_crop,
+                  negative_target) -> np.ndarray:
+    """SDXL's time_ids for the UNet's batch, negative rows first: diffusers' defaults (original and target
+    size: the output size) and its rule for the negative ones: they count when both sizes are given
+    (their crop then defaulting to (0, 0)); otherwise the negative rows repeat the positive ones."""
+    ids = negative_ids = _time_ids("", original or size, crop, target or size)
+    if negative_original is not None and negative_target is not None:
+        negative_ids = _time_ids("negative_", negative_original, negative_crop or (0, 0), negative_target)
+    elif negative_original is not None or negative_target is not None:
+        log.warning("negative_original_size and negative_target_size are used together; with one of them "
+                    "alone the negative conditioning repeats the positive sizes")
+    return np.array([negative_ids] * batch * cfg + [ids] * batch, dtype=np.float32)
 
 
 def _time_ids(prefix: str, original, crop, target) -> list[float]:
