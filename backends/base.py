@@ -77,6 +77,21 @@ class Unavailable:
     reason: str  # e.g. "onnxruntime-gpu is not installed (pip install onnxruntime-gpu)"
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """Weights that replace exported ones when a session opens (LoRAs and embeddings merged by
+    engine/adapters.py): {initializer name: value in the graph's dtype and layout}. ONNX Runtime takes
+    them in place of the file's (SessionOptions.add_external_initializers) before it optimises the graph,
+    so nothing is exported again. `key` names the values: a backend that caches compiled graphs
+    (TensorRT's engines) must not serve one built with other weights."""
+
+    key: str
+    values: dict
+
+    def __bool__(self) -> bool:
+        return bool(self.values)
+
+
 class Session(Protocol):
     spec: ComponentSpec
     input_types: dict[str, np.dtype]
@@ -93,7 +108,10 @@ class Backend(Protocol):
 
     def probe(self) -> Device | Unavailable: ...
 
-    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> Session: ...
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
+             overrides: Overrides | None = None) -> Session:
+        """`overrides`: weights that replace the exported ones (optional: a backend that cannot take them,
+        Core ML's packages, refuses in one line)."""
 
 
 class MissingComponent(EdgediffError):
@@ -124,11 +142,19 @@ class OrtSession:
     """
 
     def __init__(self, path: Path, spec: ComponentSpec, providers: list, options=None,
-                 require: str | None = None, bind_device: tuple[str, int] = ("cpu", 0)):
+                 require: str | None = None, bind_device: tuple[str, int] = ("cpu", 0),
+                 overrides: Overrides | None = None):
         import onnxruntime as ort
 
         if not path.is_file():
             raise MissingComponent(f"{path} is missing; export the model again with `edgediff export`")
+        # ONNX Runtime reads overriding initializers from our buffers for the session's life: keep them
+        self._overrides = overrides
+        self._override_values = []
+        if overrides:
+            options = options or ort.SessionOptions()
+            self._override_values = [ort.OrtValue.ortvalue_from_numpy(v) for v in overrides.values.values()]
+            options.add_external_initializers(list(overrides.values), self._override_values)
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as e:  # ORT raises its own exception types, and plain RuntimeError
@@ -241,12 +267,14 @@ class OrtProviderBackend:
             return Unavailable(self.name, self._missing_hint)
         return Device(self.name, present[0], (present[0], "CPUExecutionProvider"))
 
-    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> OrtSession:
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
+             overrides: Overrides | None = None) -> OrtSession:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        return OrtSession(path, spec, list(device.providers), options, require=device.providers[0])
+        return OrtSession(path, spec, list(device.providers), options, require=device.providers[0],
+                          overrides=overrides)
 
 
 def session_options():

@@ -95,6 +95,8 @@ class Parameters:
     model: str
     denoising_strength: float | None = None  # img2img and inpainting only
     schedule_type: str | None = None  # AUTOMATIC1111's "Schedule type" when not the model's own ("SGM Uniform")
+    # the LoRAs applied, ((name, AUTOMATIC1111's short hash), ...): its "Lora hashes" field
+    loras: tuple[tuple[str, str], ...] = ()
 
     def a1111(self) -> str:
         fields = [("Steps", self.steps), ("Sampler", self.sampler)]
@@ -104,12 +106,17 @@ class Parameters:
                   ("Seed", self.seed), ("Size", f"{self.width}x{self.height}"), ("Model", self.model)]
         if self.denoising_strength is not None:
             fields.append(("Denoising strength", _num(self.denoising_strength)))
+        if self.loras:  # A1111 drops its separators from the names
+            fields.append(("Lora hashes", ", ".join(f"{name.translate(_SEPARATORS)}: {h}" for name, h in self.loras)))
         fields.append(("Version", "edgediff"))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(", ".join(f"{k}: {_field(v)}" for k, v in fields))
         return "\n".join(lines)
+
+
+_SEPARATORS = str.maketrans("", "", ":,")
 
 
 def _num(x: float) -> str:

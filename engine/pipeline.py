@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from . import adapters
 from . import arguments as arg
 from . import noise as rnd
 from .plan import Plan, Request, make_plan, parse_budget
@@ -65,6 +66,7 @@ class GenerationResult:
     peak_memory: int | None = None  # bytes: the process's peak resident memory during the call (Linux)
     # fp16 components whose output overflowed and that were re-run from their fp32 artifact
     fp32_reruns: list[str] = field(default_factory=list)
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (name, weight) of the LoRAs applied
 
 
 def _one_call_at_a_time(method):
@@ -88,7 +90,8 @@ class Pipeline:
     (each waits for the pipeline's lock) and each gets the pictures it would get alone."""
 
     def __init__(self, model: ModelInfo, backend, device, tokenizer: ClipTokenizer | tuple[ClipTokenizer, ...],
-                 safety_checker: bool = True, memory_budget: str | int | None = None):
+                 safety_checker: bool = True, memory_budget: str | int | None = None,
+                 lora_dir: str | Path | None = None):
         self.model = model
         self.backend = backend
         self.device = device
@@ -102,14 +105,30 @@ class Pipeline:
         self.moved: dict[str, str] = {}  # component -> backend that took it when ours could not open it
         self._sessions: dict[str, object] = {}
         self._lock = threading.RLock()  # see _one_call_at_a_time
+        # LoRAs and embeddings (engine/adapters.py): the set given to set_loras, the one applied now (a
+        # prompt's <lora:...> tags add to the first for one call), and the weights that replace the
+        # export's, by component, passed to every session the component opens
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self.loras: tuple[tuple[adapters.LoraFile, float], ...] = ()
+        self.embeddings: tuple[adapters.Embedding, ...] = ()
+        self._applied: tuple[tuple[adapters.LoraFile, float], ...] = ()
+        self._overrides: dict[str, object] = {}  # backends.base.Overrides
+        self._embedding_tables: dict[str, dict[str, np.ndarray]] = {}
+        self._lora_files: dict[tuple, adapters.LoraFile] = {}
+        self._targets: adapters.Targets | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "auto", safety_checker: bool = True,
-                        memory_budget: str | int | None = None) -> "Pipeline":
+                        memory_budget: str | int | None = None, loras=None, embeddings=None,
+                        lora_dir: str | Path | None = None, embedding_dir: str | Path | None = None) -> "Pipeline":
         """Open a model on a backend ("auto" picks the best one available). `path` is an exported folder,
         or any source `edgediff export` takes (`builtin`, a diffusers folder, a .safetensors file, a hub
         id), exported once into the cache (this needs the export extra). `memory_budget` ("4GB") bounds
-        every generation's predicted peak (default 7 GB, never more than the device has free)."""
+        every generation's predicted peak (default 7 GB, never more than the device has free).
+
+        `loras`: [(file or name in `lora_dir`, weight), ...] applied at load time (see `set_loras`);
+        `embeddings`: textual-inversion files, each triggered by its file's name in a prompt, and every
+        .safetensors file in `embedding_dir`. `lora_dir` is where a prompt's <lora:name:weight> looks."""
         from ..backends import select
 
         if not isinstance(backend, str):
@@ -126,7 +145,14 @@ class Pipeline:
         model = read_model_folder(path)
         chosen, device = select(backend)
         tokenizers = tuple(ClipTokenizer.from_folder(model.path / t) for t in model.family.tokenizers)
-        pipe = cls(model, chosen, device, tokenizers, safety_checker, memory_budget)
+        pipe = cls(model, chosen, device, tokenizers, safety_checker, memory_budget, lora_dir)
+        files = list(embeddings or [])
+        if embedding_dir is not None:
+            files += adapters.embedding_files(embedding_dir)
+        if files:
+            pipe.set_embeddings(files)
+        if loras:
+            pipe.set_loras(loras)
         # Plan the native size now: a model that cannot fit is refused before anything is loaded, and
         # the resident components are loaded here, so a broken file fails now, not mid-run.
         try:
@@ -141,6 +167,104 @@ class Pipeline:
     def make_plan(self, request: Request) -> Plan:
         """The plan a request would follow on this pipeline's device and budget; nothing is loaded."""
         return make_plan(self.model, request, self.device, self.memory_budget)
+
+    # -- LoRAs and embeddings -------------------------------------------------------------------------
+
+    @_one_call_at_a_time
+    def set_loras(self, loras) -> None:
+        """Apply these LoRAs, [(file or name, weight), ...] (a bare file or name weighs 1), in place of
+        the ones applied before; [] removes them all. Each weight becomes W + sum(weight * up @ down *
+        alpha / rank) in fp32, cast to the export's dtype; only components whose weights change get new
+        sessions. A file that cannot be applied raises one line, and the previous set stays."""
+        chosen = tuple((self._lora(ref, weight), weight) for ref, weight in adapters.lora_list(loras))
+        self._apply(chosen)
+        self.loras = chosen
+
+    @_one_call_at_a_time
+    def set_embeddings(self, files) -> None:
+        """Textual-inversion embeddings (.safetensors), each read wherever its file's name appears in a
+        prompt (and in a negative prompt); [] removes them. Replaces the set loaded before."""
+        targets = self._adapter_targets("embeddings")
+        widths = tuple(targets.weights[(c, adapters.TOKEN_TABLE)].shape[1] if (c, adapters.TOKEN_TABLE)
+                       in targets.weights else 0 for c in targets.text_encoders)
+        found = [adapters.read_embedding(f, widths, targets.family) for f in (files or [])]
+        names = [e.name for e in found]
+        if len(set(n.lower() for n in names)) != len(names):
+            raise EdgediffError(f"two embeddings share a name ({', '.join(sorted(names))}): each is triggered by "
+                                "its file's name; rename one")
+        tables, words = adapters.embedding_tables(targets, found) if found else ({}, [{}] * len(self.tokenizers))
+        base = tuple(t.without_words() for t in self.tokenizers)
+        tokenizers = tuple(t.with_words(w) if w else t for t, w in zip(base, words))
+        self._embedding_tables = tables
+        self.tokenizers, self.embeddings = tokenizers, tuple(found)
+        self.tokenizer = tokenizers[0]
+        self._apply(self._applied, force=True)
+
+    def _adapter_targets(self, what: str) -> adapters.Targets:
+        if self._targets is None:
+            targets = adapters.Targets.of_folder(self.model.path, self.model.family)
+            self._targets = targets
+        if not self._targets.weights:
+            raise EdgediffError(f"{self.model.path} records no weight map, which {what} need (optimum's folders, "
+                                "and exports by edgediff before 0.13, have none); export the model again with "
+                                "`edgediff export`")
+        return self._targets
+
+    def _lora(self, ref, weight: float) -> adapters.LoraFile:
+        """A LoRA by path, or by name in the LoRA folder; read once per file version."""
+        path = adapters.find_lora(ref, self.lora_dir)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self._lora_files:
+            self._lora_files[key] = adapters.read_lora(path)
+        return self._lora_files[key]
+
+    def _apply(self, loras: tuple, force: bool = False) -> None:
+        """Make `loras` (and the embeddings) the weights of the next sessions. Everything is computed
+        before anything changes: an error leaves the previous weights in place."""
+        if loras == self._applied and not force:
+            return
+        if loras and self.model.export_manifest.get("dtype") == "int8" and any(
+                c == self.model.family.unet.name for lora, _ in loras
+                for c, _ in adapters.match(lora, self._adapter_targets("LoRAs"))):
+            raise EdgediffError("an int8 UNet cannot take a LoRA at load time (its weights are quantized); bake "
+                                "it in: `edgediff export SRC --dtype int8 --lora FILE:WEIGHT`")
+        from ..backends.base import Overrides
+
+        values = adapters.merged(self._adapter_targets("LoRAs"), list(loras)) if loras else {}
+        overrides = {}
+        for component in set(values) | set(self._embedding_tables):
+            merged = {**values.get(component, {}), **self._embedding_tables.get(component, {})}
+            key = adapters.overrides_key(component, loras, self.embeddings)
+            overrides[component] = Overrides(key, merged)
+        for component in set(overrides) | set(self._overrides):
+            old, new = self._overrides.get(component), overrides.get(component)
+            if (old.key if old else None) != (new.key if new else None):
+                self._sessions.pop(component, None)  # re-created, with its new weights, when next used
+        self._overrides, self._applied = overrides, tuple(loras)
+        gc.collect()
+
+    def _prompt_loras(self, prompts: list[str]) -> tuple[list[str], tuple]:
+        """The prompts without their <lora:...> tags, and the LoRAs of this call: the pipeline's, then
+        the tags' (a tag naming a LoRA the pipeline has changes its weight for this call)."""
+        texts, asked = [], None
+        for text in prompts:
+            text, tags = adapters.lora_tags(text)
+            if asked is not None and tags != asked:
+                raise EdgediffError("the prompts of one call name different <lora:...> tags; a batch shares one "
+                                    "set of weights: give every prompt the same tags, or generate them separately")
+            texts.append(text)
+            asked = tags
+        if not asked:
+            return texts, self.loras
+        if self.lora_dir is None:
+            raise EdgediffError(f"the prompt names <lora:{asked[0][0]}:...>, and no LoRA folder was given: pass "
+                                "lora_dir= (or --lora-dir DIR)")
+        chosen = dict((lora.path, (lora, w)) for lora, w in self.loras)
+        for name, weight in asked:
+            lora = self._lora(name, weight)
+            chosen[lora.path] = (lora, weight)
+        return texts, tuple(chosen.values())
 
     def _session(self, spec: ComponentSpec):
         if spec.name not in self._sessions:
@@ -158,7 +282,8 @@ class Pipeline:
                 from ..backends import select
 
                 backend, device = select("cpu")
-            session, backend, _ = open_with_fallback(path, spec, backend, device, limit)
+            session, backend, _ = open_with_fallback(path, spec, backend, device, limit,
+                                                     overrides=self._overrides.get(spec.name))
             if backend is not self.backend and not (self.plan and spec.name in self.plan.on_host):
                 self.moved[spec.name] = backend.name
             self._sessions[spec.name] = session
@@ -248,8 +373,10 @@ class Pipeline:
         model = self.model
         family = model.family
 
-        # 1. Check inputs and settle sizes, seeds and the schedule.
+        # 1. Check inputs and settle sizes, seeds, the schedule and the LoRAs (the pipeline's, and those a
+        # prompt's <lora:name:weight> tags add for this call, the tags taken out of the prompt).
         prompts = arg.texts("prompt", prompt)
+        prompts, loras = self._prompt_loras(prompts)
         negatives = _negatives(negative_prompt, len(prompts))
         _refuse_unused(model, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
                        crops_coords_top_left=None if _is_origin(crops_coords_top_left) else crops_coords_top_left,
@@ -294,6 +421,8 @@ class Pipeline:
             latents = _latents(latents, (batch, *latent_shape))
         schedule, start = _schedule(sched, num_inference_steps, strength if init_image is not None else None)
         cfg = guidance_scale > 1.0  # diffusers: guidance 1 or less means the conditional pass alone
+
+        self._apply(loras)
 
         # 2. The memory plan for this request, before anything is loaded; a leaner plan than the last
         # frees what it does not keep first.
@@ -403,11 +532,13 @@ class Pipeline:
         sampler = sched.a1111_name
         strength_note = strength if init_image is not None else None
         schedule_type = SCHEDULE_TYPES.get(timestep_spacing)
+        hashes = tuple((lora.name, lora.hash) for lora, _ in loras)
         params = [Parameters(prompts[k // num_images_per_prompt], negatives[k // num_images_per_prompt],
                              num_inference_steps, sampler, guidance_scale, seeds[k], width, height, model.name,
-                             strength_note, schedule_type) for k in range(batch)]
+                             strength_note, schedule_type, hashes) for k in range(batch)]
         return GenerationResult(images, seeds, params, timings, nsfw_content_detected=flagged, plan=plan,
-                                peak_memory=_peak_memory(), fp32_reruns=reruns)
+                                peak_memory=_peak_memory(), fp32_reruns=reruns,
+                                loras=[(lora.name, w) for lora, w in loras])
 
     def _decode(self, specs, sessions, z: np.ndarray, plan: Plan, reruns: list[str]) -> np.ndarray:
         image = self._run_decoder(sessions, z, plan)

@@ -35,9 +35,13 @@ class Encoded:
 
 
 class ClipTokenizer:
-    def __init__(self, tokenizer: Tokenizer, bos: str, eos: str, pad: str, max_length: int = MODEL_MAX_LENGTH):
+    def __init__(self, tokenizer: Tokenizer, bos: str, eos: str, pad: str, max_length: int = MODEL_MAX_LENGTH,
+                 words: dict[int, list[int]] | None = None):
         self._tok = tokenizer
         self.max_length = max_length
+        self._specials = (bos, eos, pad)
+        # added words (textual-inversion triggers): the id the tokenizer gives each -> the ids it stands for
+        self._words = dict(words or {})
         ids = [tokenizer.token_to_id(t) for t in (bos, eos, pad)]
         if None in ids:
             missing = [t for t, i in zip((bos, eos, pad), ids) if i is None]
@@ -85,12 +89,33 @@ class ClipTokenizer:
                                 "merges.txt); export the model again with `edgediff export`")
         return cls(tok, bos, eos, pad, max_length)
 
+    def without_words(self) -> "ClipTokenizer":
+        """The tokenizer as the model folder gave it, with no added words."""
+        if not self._words:
+            return self
+        return self._original
+
+    def with_words(self, words: dict[str, list[int]]) -> "ClipTokenizer":
+        """A copy that reads each word (a textual-inversion trigger) as the given token ids, wherever it
+        appears in a prompt, as the tokens diffusers' load_textual_inversion adds (matched on the
+        lowercased text: "MyStyle" and "mystyle" are one word)."""
+        from tokenizers import AddedToken
+
+        tok = Tokenizer.from_str(self._tok.to_str())
+        tok.add_tokens([AddedToken(w.lower(), normalized=True) for w in words])
+        expand = {tok.token_to_id(w.lower()): list(ids) for w, ids in words.items()}
+        out = ClipTokenizer(tok, *self._specials, self.max_length, expand)
+        out._original = self.without_words()
+        return out
+
     def encode(self, prompts: list[str]) -> Encoded:
         """Ids padded to `max_length`: [start] prompt tokens [end] [pad]..., truncated like diffusers."""
         room = self.max_length - 2
         rows, dropped = [], []
         for enc in self._tok.encode_batch(prompts, add_special_tokens=False):
             body = enc.ids
+            if self._words:
+                body = [i for token in body for i in self._words.get(token, (token,))]
             dropped.append(max(len(body) - room, 0))
             row = [self.bos_id, *body[:room], self.eos_id]
             rows.append(row + [self.pad_id] * (self.max_length - len(row)))

@@ -41,7 +41,7 @@ from ..engine.components import (FP32_FALLBACK, SAFETY_CHECKER, UNET, VAE, VAE_D
 from ..engine.families import Family, recognise
 from ..engine.errors import EdgediffError
 from ..engine.files import atomic_folder, check_out
-from . import memory_profile
+from . import memory_profile, weight_map
 from .attention import DEFAULT_SLICES, VARIANTS
 
 log = logging.getLogger("edgediff")
@@ -80,6 +80,9 @@ class ExportOptions:
     attention: str = "fused"
     slices: int = DEFAULT_SLICES  # sliced only: query slices at the UNet's full-resolution level
     safety_checker: bool = True  # export the source's safety checker when it has one
+    # LoRAs baked into the weights before export, ((path, weight), ...): what Core ML packages need (they
+    # cannot change weights when loaded), and an int8 UNet (its weights are quantized)
+    loras: tuple = ()
 
     def __post_init__(self):
         if self.dtype not in MIN_PSNR:
@@ -88,12 +91,17 @@ class ExportOptions:
             raise EdgediffError(f"unknown attention {self.attention!r}; use one of {', '.join(VARIANTS)}")
         if self.slices < 1 or self.slices & (self.slices - 1):
             raise EdgediffError(f"--slices must be a power of two (got {self.slices})")
+        object.__setattr__(self, "loras", tuple((str(p), float(w)) for p, w in self.loras))
 
     def key(self) -> str:
         """A short name for cache folders: the options that change the graphs."""
         k = f"{self.dtype}-{self.attention}"
         if self.attention == "sliced":
             k += f"{self.slices}"
+        if self.loras:  # the files' contents and weights, not their paths
+            from ..engine.adapters import read_lora
+
+            k += "-lora" + "_".join(f"{read_lora(p).hash}x{w:g}" for p, w in self.loras)
         return k + ("" if self.safety_checker else "-nosafety")
 
 
@@ -239,7 +247,9 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
     bar = tqdm(total=len(specs), desc="exporting", unit="component", disable=None, leave=False)
     g = torch.Generator().manual_seed(0)
     index = json.loads((src / "model_index.json").read_text())
-    vae_cache, tail_shape, reports = {}, {}, []
+    vae_cache, tail_shape, reports, slots = {}, {}, [], {}
+    # LoRAs to bake in, matched against the source's weights before anything is exported
+    baked = weight_map.bake_plan(src, family, unet_config, options.loras) if options.loras else {}
 
     def text_encoder(spec):
         import transformers
@@ -249,6 +259,8 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
         # recognises and fuses.
         cls = getattr(transformers, index.get(spec.name, [None, "CLIPTextModel"])[1])
         m = cls.from_pretrained(src / spec.name, attn_implementation="eager").eval()
+        weight_map.bake(m, baked.get(spec.name), text=True)
+        slots[spec.name] = weight_map.reserve_embedding_slots(m)
         c = m.config
         ids = torch.randint(0, c.vocab_size, (2, c.max_position_embeddings), generator=g)
         ids[:, 0], ids[:, -1] = c.bos_token_id, c.eos_token_id
@@ -258,6 +270,7 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
         from diffusers import UNet2DConditionModel
 
         m = UNet2DConditionModel.from_pretrained(src / "unet").eval()
+        weight_map.bake(m, baked.get(spec.name), text=False)
         c = m.config
         text = json.loads((src / family.text_encoders[0].spec.name / "config.json").read_text())
         args = {"sample": torch.randn(2, c.in_channels, size, size, generator=g),
@@ -316,7 +329,10 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
         holder = [module]
         del module  # _export_one frees the weights before ONNX Runtime loads its copy
         has_attention = spec in (family.unet, VAE_ENCODER, VAE_DECODER, VAE_DECODER_HEAD)
-        report = _export_one(spec, holder, args, folder / "model.onnx", options, has_attention)
+        # The UNet's and the text encoders' weights are mapped for LoRAs and embeddings at load time
+        mapped = "text" if spec.name in slots else "unet" if spec is family.unet else None
+        report = _export_one(spec, holder, args, folder / "model.onnx", options, has_attention, mapped,
+                             slots.get(spec.name))
         if spec is VAE_DECODER_TAIL:
             report.extra = dict(tail_shape)
         if profile_memory and spec is not SAFETY_CHECKER:  # the checker's input is fixed at 224 px
@@ -366,6 +382,8 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
     fp32.mkdir()
     for f in folder.glob("model.onnx*"):
         f.rename(fp32 / f.name)
+    # Quantized weights cannot take a LoRA's fp32 delta: LoRAs are baked in before (export --lora)
+    (folder / weight_map.WEIGHT_MAP).unlink(missing_ok=True)
     quantize.quantize_unet(fp32 / "model.onnx", folder / "model.onnx", calls)
     want = OrtSession(fp32 / "model.onnx", spec, ["CPUExecutionProvider"]).run(**held_out)["out_sample"]
     shutil.rmtree(fp32)
@@ -383,7 +401,8 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
 
 
 def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, options: ExportOptions,
-                has_attention: bool) -> ComponentReport:
+                has_attention: bool, mapped: str | None = None,
+                embedding_slots: tuple[int, int] | None = None) -> ComponentReport:
     import torch
 
     from . import attention
@@ -408,6 +427,10 @@ def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, opti
     torch.onnx.export(module, args, str(path), input_names=[t.name for t in spec.inputs],
                       output_names=[t.name for t in spec.outputs], dynamic_axes=dynamic,
                       opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    traced = shapes = None
+    if mapped:  # which initializer holds each weight, found while PyTorch's values are at hand
+        traced = weight_map.trace(module, path, text=mapped == "text")
+        shapes = {weight_map.canonical(n, mapped == "text"): tuple(p.shape) for n, p in module.named_parameters()}
     expected = module(*args)
     expected = [e.numpy().copy() for e in (expected if isinstance(expected, tuple) else (expected,))]
     parameters = sum(p.numel() for p in module.parameters())
@@ -419,7 +442,10 @@ def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, opti
         if spec.fp32_fallback:  # small, and what the runtime re-runs on overflow
             shutil.copy2(path, path.with_name(FP32_FALLBACK))
         kept, nodes = _to_fp16(path, spec, inputs)
-    _consolidate(path)
+    if traced is None:
+        _consolidate(path)
+    else:  # gathers the data file as _consolidate does, with every mapped weight in it
+        weight_map.write(path, traced, shapes, embedding_slots, keep=("config.json", FP32_FALLBACK))
     seconds = time.perf_counter() - start
     psnr, max_abs = _parity(spec, path, inputs, expected)
     report = ComponentReport(
@@ -561,7 +587,8 @@ def _consolidate(path: Path) -> None:
     model.onnx_data beside the graph, the layout optimum and ONNX Runtime's tools expect."""
     import onnx
 
-    extra = [f for f in path.parent.iterdir() if f.name not in ("model.onnx", "config.json", FP32_FALLBACK)]
+    extra = [f for f in path.parent.iterdir()
+             if f.name not in ("model.onnx", "config.json", FP32_FALLBACK, weight_map.WEIGHT_MAP)]
     if not extra:
         return
     model = onnx.load(str(path))  # loads the external tensors too

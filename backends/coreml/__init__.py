@@ -19,7 +19,7 @@ from pathlib import Path
 from ...engine.components import ComponentSpec
 from ...engine.errors import EdgediffError
 from .. import host
-from ..base import Device, OrtProviderBackend, OrtSession, Session, Unavailable, session_options
+from ..base import Device, OrtProviderBackend, OrtSession, Overrides, Session, Unavailable, session_options
 from .session import COMPUTE_UNITS, CoreMLSession, load_mlmodel, package_compute_units, read_package_spec
 
 COREML = "CoreMLExecutionProvider"
@@ -102,15 +102,19 @@ class CoreMLBackend(OrtProviderBackend):
                       driver=f"macOS {version}", compute_units=COMPUTE_UNITS if packages else (),
                       cores=host.cores(), notes=tuple(notes))
 
-    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> Session:
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
+             overrides: Overrides | None = None) -> Session:
         # memory_limit: Core ML has no allocator cap; on unified memory the plan's prediction is the guard.
         package = find_package(path)
+        if package is not None and overrides:
+            raise EdgediffError(f"{package.name}: a Core ML package cannot change its weights when it is loaded; "
+                                "bake LoRAs in with `edgediff export SRC --format coreml --lora FILE:WEIGHT`")
         if package is not None and device.compute_units:
             units = package_compute_units(self._read_spec(package))
             return CoreMLSession(package, spec, units, load=self._load_model)
         if COREML in device.providers and path.suffix == ".onnx":
             return OrtSession(path, spec, [(COREML, coreml_provider_options()), "CPUExecutionProvider"],
-                              session_options(), require=COREML)
+                              session_options(), require=COREML, overrides=overrides)
         if package is not None:
             raise EdgediffError(f"{package} is a Core ML package, which needs coremltools on macOS 13 or later "
                                 "(pip install coremltools)")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ...engine.components import ComponentSpec
 from .. import host
-from ..base import Device, OrtSession, Unavailable, session_options
+from ..base import Device, OrtSession, Overrides, Unavailable, session_options
 
 
 def _cpu_name(system: str, run) -> str:
@@ -80,7 +80,8 @@ class CpuBackend:
                       fp16=False, driver=host.os_version(system), cores=cores,
                       notes=() if total else ("host memory unknown on this OS",))
 
-    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> OrtSession:
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
+             overrides: Overrides | None = None) -> OrtSession:
         # memory_limit: ONNX Runtime has no cap on CPU memory; the plan's prediction is the guard here.
         options = session_options()
         # One thread per core we may use: more threads than cores only adds contention.
@@ -93,7 +94,7 @@ class CpuBackend:
         # either way). Without an arena, glibc must return freed blocks: host.return_freed_memory.
         options.enable_cpu_mem_arena = spec.name in ARENA_COMPONENTS
         host.return_freed_memory()
-        return OrtSession(path, spec, ["CPUExecutionProvider"], options)
+        return OrtSession(path, spec, ["CPUExecutionProvider"], options, overrides=overrides)
 
 
 BACKEND = CpuBackend()

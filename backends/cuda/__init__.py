@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ...engine.components import ComponentSpec
-from ..base import (GiB, Device, OrtProviderBackend, OrtSession, Unavailable, artifact_key, cache_root,
+from ..base import (GiB, Device, OrtProviderBackend, OrtSession, Overrides, Unavailable, artifact_key, cache_root,
                     export_dtype, first_line, session_options)
 
 CUDA = "CUDAExecutionProvider"
@@ -73,12 +73,15 @@ def tensorrt_provider_options(device_id: int, fp16: bool, cache_dir: Path,
     }
 
 
-def providers_for(device: Device, path: Path, memory_limit: int | None = None) -> list:
+def providers_for(device: Device, path: Path, memory_limit: int | None = None,
+                  overrides: Overrides | None = None) -> list:
     """InferenceSession's provider list for the component at `path` on `device`: TensorRT first if the
-    probe chose it, then CUDA, then the CPU for the few ops neither has."""
+    probe chose it, then CUDA, then the CPU for the few ops neither has. TensorRT bakes the weights into
+    its cached engines, so weights overridden at load time (LoRAs) get engines of their own."""
     providers: list = []
     if TENSORRT in device.providers:
-        cache = cache_root() / "tensorrt" / f"{path.parent.name}-{artifact_key(path)}"
+        weights = f"-{overrides.key}" if overrides else ""
+        cache = cache_root() / "tensorrt" / f"{path.parent.name}-{artifact_key(path)}{weights}"
         cache.mkdir(parents=True, exist_ok=True)
         providers.append((TENSORRT, tensorrt_provider_options(device.device_id, export_dtype(path) == "fp16",
                                                                cache, memory_limit)))
@@ -173,9 +176,10 @@ class CudaBackend(OrtProviderBackend):
             except Exception:
                 pass
 
-    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> OrtSession:
-        return OrtSession(path, spec, providers_for(device, path, memory_limit), session_options(),
-                          require=CUDA, bind_device=("cuda", device.device_id))
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
+             overrides: Overrides | None = None) -> OrtSession:
+        return OrtSession(path, spec, providers_for(device, path, memory_limit, overrides), session_options(),
+                          require=CUDA, bind_device=("cuda", device.device_id), overrides=overrides)
 
 
 BACKEND = CudaBackend()

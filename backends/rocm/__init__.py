@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ...engine.components import ComponentSpec
 from .. import host
-from ..base import Device, OrtProviderBackend, OrtSession, Unavailable, first_line, session_options
+from ..base import Device, OrtProviderBackend, OrtSession, Overrides, Unavailable, first_line, session_options
 
 MIGRAPHX = "MIGraphXExecutionProvider"
 ROCM = "ROCMExecutionProvider"
@@ -157,7 +157,8 @@ class RocmBackend(OrtProviderBackend):
                       total_memory=facts["total"], free_memory=facts["free"], fp16=fp16_fast(facts["arch"]),
                       driver=facts["driver"], device_id=self.device_id, arch=facts["arch"])
 
-    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None) -> OrtSession:
+    def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
+             overrides: Overrides | None = None) -> OrtSession:
         provider = device.providers[0]
         options = (migraphx_provider_options(device.device_id) if provider == MIGRAPHX
                    else rocm_provider_options(device.device_id, memory_limit))
@@ -165,7 +166,7 @@ class RocmBackend(OrtProviderBackend):
         # MIGraphX and ROCm builds, and the one input kept (the text embeddings, half a MB) costs
         # microseconds to copy per step.
         return OrtSession(path, spec, [(provider, options), "CPUExecutionProvider"], session_options(),
-                          require=provider, bind_device=("cpu", 0))
+                          require=provider, bind_device=("cpu", 0), overrides=overrides)
 
 
 BACKEND = RocmBackend()
