@@ -280,7 +280,9 @@ class Targets:
                 continue
             try:
                 record = json.loads(path.read_text())
+                quantized = bool(record.get("quantized"))
                 for param, (init, layout, dtype, shape, offset, length) in record["weights"].items():
+                    dtype = "int8" if quantized else dtype  # export/weight_map.mark_quantized
                     weights[(spec.name, param)] = Weight(spec.name, param, init, layout == "T", dtype, tuple(shape),
                                                          folder / spec.name / record["file"], offset, length)
                 if record.get("embedding_slots"):
@@ -399,6 +401,10 @@ def merged(targets: Targets, loras: list[tuple[LoraFile, float]]) -> dict[str, d
     for lora, weight in loras:
         for target, layer in match(lora, targets).items():
             deltas.setdefault(target, []).append((layer, weight))
+    quantized = sorted({c for c, p in deltas if targets.weights[(c, p)].dtype == "int8"})
+    if quantized:
+        raise EdgediffError(f"this export's {', '.join(quantized)} is int8, whose weights cannot take a LoRA at "
+                            "load time; bake the LoRA in: `edgediff export SRC --dtype int8 --lora FILE:WEIGHT`")
     out: dict[str, dict[str, np.ndarray]] = {}
     for target, layers in sorted(deltas.items()):
         w = targets.weights[target]

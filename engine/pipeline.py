@@ -224,11 +224,6 @@ class Pipeline:
         before anything changes: an error leaves the previous weights in place."""
         if loras == self._applied and not force:
             return
-        if loras and self.model.export_manifest.get("dtype") == "int8" and any(
-                c == self.model.family.unet.name for lora, _ in loras
-                for c, _ in adapters.match(lora, self._adapter_targets("LoRAs"))):
-            raise EdgediffError("an int8 UNet cannot take a LoRA at load time (its weights are quantized); bake "
-                                "it in: `edgediff export SRC --dtype int8 --lora FILE:WEIGHT`")
         from ..backends.base import Overrides
 
         values = adapters.merged(self._adapter_targets("LoRAs"), list(loras)) if loras else {}

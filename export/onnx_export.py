@@ -382,8 +382,9 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
     fp32.mkdir()
     for f in folder.glob("model.onnx*"):
         f.rename(fp32 / f.name)
-    # Quantized weights cannot take a LoRA's fp32 delta: LoRAs are baked in before (export --lora)
-    (folder / weight_map.WEIGHT_MAP).unlink(missing_ok=True)
+    # Quantized weights cannot take a LoRA's fp32 delta: the map stays (a LoRA's keys still resolve, so
+    # the refusal can say why) marked quantized; LoRAs are baked in before (export --lora)
+    weight_map.mark_quantized(folder / weight_map.WEIGHT_MAP)
     quantize.quantize_unet(fp32 / "model.onnx", folder / "model.onnx", calls)
     want = OrtSession(fp32 / "model.onnx", spec, ["CPUExecutionProvider"]).run(**held_out)["out_sample"]
     shutil.rmtree(fp32)

@@ -154,6 +154,14 @@ def write(path: Path, traced: dict[str, tuple[str, bool]], shapes: dict[str, tup
     return record
 
 
+def mark_quantized(path: Path) -> None:
+    """The component's weights were quantized after the map was made: its offsets no longer hold."""
+    if path.is_file():
+        record = json.loads(path.read_text())
+        record["quantized"] = True
+        path.write_text(json.dumps(record, separators=(",", ":")))
+
+
 def source_weights(src: Path, family) -> dict[str, dict[str, tuple[int, ...]]]:
     """{component: {parameter: shape}} of a diffusers folder's UNet and text encoders, from the
     safetensors headers alone (nothing is loaded)."""
