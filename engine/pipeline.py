@@ -206,8 +206,8 @@ class Pipeline:
             self._targets = targets
         if not self._targets.weights:
             raise EdgediffError(f"{self.model.path} records no weight map, which {what} need (optimum's folders, "
-                                "and exports by edgediff before 0.13, have none); export the model again with "
-                                "`edgediff export`")
+                                "and edgediff's exports made before LoRA support, have none); export the model "
+                                "again with `edgediff export`")
         return self._targets
 
     def _lora(self, ref, weight: float) -> adapters.LoraFile:
