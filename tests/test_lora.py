@@ -75,7 +75,7 @@ def ours(tiny, kind: str, **kwargs) -> Pipeline:
 def draw(pipe, prompt=PROMPT, **kwargs):
     latents = noise.batch_noise([SEED], noise.INITIAL, SHAPE)
     if isinstance(pipe, Pipeline):
-        return pipe(prompt, latents=latents, seed=SEED, scheduler="euler", **{**KW, **kwargs}).images[0]
+        return pipe(prompt, latents=latents, seed=SEED, **{"scheduler": "euler", **KW, **kwargs}).images[0]
     return pipe(prompt, latents=torch.from_numpy(latents), **{**KW, **kwargs}).images[0]
 
 
@@ -155,6 +155,25 @@ def test_bf16_lora_file_is_read(tiny, tmp_path):
     want = {k: v.to(torch.bfloat16).float().numpy() for k, v in load_file(str(f32)).items()}
     key = next(iter(read.layers))
     assert np.array_equal(read.layers[key].down, want[f"{key}.lora_down.weight"])
+
+
+def test_lcm_lora_shaped_file_matches_diffusers(tiny, tmp_path):
+    """LCM-LoRA's layout: kohya keys with diffusers' block names over every Linear and convolution of the
+    UNet's blocks (projections, feed-forwards, time embeddings, ResNets, samplers), rank 8, alpha 8, at
+    guidance 1 as LCM-LoRA runs. Euler steps: the LCM scheduler draws noise each step, and its parity
+    with diffusers is tests/test_schedulers.py's concern."""
+    import re
+
+    every = re.compile(r"(attentions|resnets|samplers)\.\d+\.")
+    path = kohya(tmp_path / "lcm.safetensors", layers(tiny, "sd1", unet=every, text=False), rank=8, alpha=8.0,
+                 scale=0.15)
+    assert any("time_emb_proj" in k for k in adapters.read_lora(path).layers)
+    want = draw(diffusers_with(tiny, "sd1", [(path, 1.0)]), guidance_scale=1.0)
+    pipe = ours(tiny, "sd1", loras=[(path, 1.0)])
+    got = draw(pipe, guidance_scale=1.0)
+    assert psnr(got, want) >= MIN_PSNR, f"{psnr(got, want):.1f} dB"
+    pipe.set_loras([])
+    assert psnr(draw(pipe, guidance_scale=1.0), got) < CHANGED
 
 
 @pytest.mark.slow
