@@ -151,6 +151,9 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
                 "slices": options.slices if options.attention == "sliced" else None,
                 "opset": OPSET,
                 "min_psnr": MIN_PSNR[options.dtype],
+                # LoRAs baked into the weights (export --lora): name, AUTOMATIC1111's hash, weight
+                "loras": [{"name": Path(f).stem, "hash": h, "weight": w} for (f, w), h in
+                          zip(options.loras, weight_map.lora_hashes(options.loras))],
                 "components": {r.name: asdict(r) for r in reports},
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -204,6 +204,12 @@ def bake_plan(src: Path, family, unet_config: dict, loras) -> dict[str, list]:
     return plan
 
 
+def lora_hashes(loras) -> list[str]:
+    from ..engine.adapters import read_lora
+
+    return [read_lora(path).hash for path, _ in loras]
+
+
 def bake(model, plan: list | None, text: bool) -> None:
     """Add each planned LoRA delta to `model`'s PyTorch weight (in fp32)."""
     import torch
