@@ -324,7 +324,9 @@ def match(lora: LoraFile, targets: Targets) -> dict[tuple[str, str], Layer]:
         shape = targets.weights[found].shape
         if layer.up.shape[0] != shape[0] or int(np.prod(layer.down.shape[1:])) != int(np.prod(shape[1:])):
             hint = lora.family_hint
-            theirs = f"an {family_title(hint)} LoRA" if hint else "a LoRA for another model"
+            # a hint of the model's own family explains nothing (a LoRA of a fine-tune with other widths)
+            same = hint == targets.family.removesuffix("-inpainting")
+            theirs = f"an {family_title(hint)} LoRA" if hint and not same else "a LoRA for another model"
             raise EdgediffError(f"{lora.path.name} is {theirs}: its {key} is {tuple(layer.up.shape[:1])} x "
                                 f"{tuple(layer.down.shape[1:])}, the model's weight is {shape}; use a LoRA made for "
                                 f"{family_title(targets.family)} models")
