@@ -1,4 +1,4 @@
-"""The `edgediff` command: demo, export, generate, plan, devices, bench.
+"""The `edgediff` command: demo, export, generate, plan, devices, loras, bench.
 
 Bad input ends in one line, `edgediff: error: ...`, exit status 2, and no file written. Anything else
 that goes wrong is one line naming the exception, exit status 1 (`--debug` shows the traceback).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -124,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--batch", type=int, default=1, help="Core ML: the fixed number of images per call")
     export.add_argument("--compute-units", default="ALL", choices=("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"),
                         help="Core ML: the compute units the packages are made for (default: %(default)s)")
+    export.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                        help="bake a LoRA (.safetensors) into the exported weights, at WEIGHT (default 1); "
+                             "repeatable. What Core ML packages and int8 UNets need: they cannot take one when "
+                             "loaded")
+    export.add_argument("--lora-dir", default=None, metavar="DIR", help="where --lora names are found")
     export.add_argument("--force", "--overwrite", dest="force", action="store_true",
                         help="replace --out if it already holds something")
     export.set_defaults(run=_export)
@@ -156,6 +162,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="memory budget, e.g. 4GB (default: 7GB, capped by what the device has free)")
     gen.add_argument("--no-safety-checker", action="store_true",
                      help="do not run the model's safety checker (which blacks out flagged images)")
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                     help="apply a LoRA at WEIGHT (default 1): a .safetensors file, or its name in --lora-dir; "
+                          "repeatable")
+    gen.add_argument("--lora-dir", default=None, metavar="DIR",
+                     help="the LoRA folder: where --lora names and the prompt's <lora:name:weight> tags are found")
+    gen.add_argument("--embedding-dir", default=None, metavar="DIR",
+                     help="textual-inversion embeddings (.safetensors), each used where its file's name is in "
+                          "the prompt")
     gen.add_argument("--out", default="out.png", help="PNG to write; a batch adds -1, -2, ...")
     gen.add_argument("--force", "--overwrite", dest="force", action="store_true",
                      help="replace --out (a batch: its numbered files) if it already exists")
@@ -174,6 +188,12 @@ def _parser() -> argparse.ArgumentParser:
 
     devices = sub.add_parser("devices", help="list the backends and what each would run on")
     devices.set_defaults(run=_devices)
+
+    loras = sub.add_parser("loras", help="list the LoRAs of a folder: family, hash, rank, and whether each fits "
+                                         "a model")
+    loras.add_argument("--lora-dir", required=True, metavar="DIR", help="the LoRA folder")
+    loras.add_argument("--model", default=None, help="an exported folder: say whether each LoRA fits it")
+    loras.set_defaults(run=_loras)
 
     from .bench import run as bench_run  # argparse and the standard library only, until it runs
 
@@ -196,9 +216,12 @@ def _export(args) -> None:
 
     start = time.perf_counter()
     coreml = args.format == "coreml"
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
+        raise EdgediffError(f"--lora-dir {args.lora_dir} is not a folder")
+    loras = _lora_args(args.lora, args.lora_dir)
     options = ExportOptions(dtype=args.dtype or ("fp16" if coreml else "fp32"),
                             attention=args.attention or ("standard" if coreml else "fused"),
-                            slices=args.slices, safety_checker=not args.no_safety_checker)
+                            slices=args.slices, safety_checker=not args.no_safety_checker, loras=loras)
     manifest = export_model(args.src, args.out, options, force=args.force, config=args.config,
                             prediction_type=args.prediction_type,
                             coreml=dict(width=args.width, height=args.height, batch=args.batch,
@@ -231,8 +254,13 @@ def _generate(args) -> None:
         [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(args.batch)]
     for path in paths:  # before the model is loaded: a wrong --out costs nothing
         check_out(path, args.force)
+    for flag, folder in (("--lora-dir", args.lora_dir), ("--embedding-dir", args.embedding_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise EdgediffError(f"{flag} {folder} is not a folder")
+    loras = _lora_args(args.lora, args.lora_dir)
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, safety_checker=not args.no_safety_checker,
-                                    memory_budget=args.budget)
+                                    memory_budget=args.budget, loras=loras, lora_dir=args.lora_dir,
+                                    embedding_dir=args.embedding_dir)
     result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   scheduler=args.scheduler, num_images_per_prompt=args.batch, image=args.init_image,
@@ -243,6 +271,8 @@ def _generate(args) -> None:
         save_png(image, path, params.a1111())
         print(f"wrote {path} (seed {params.seed})" + (": flagged by the safety checker, blacked out" if nsfw else ""))
     print(f"backend: {pipe.device.backend} ({pipe.device.name}); " + _format_timings(result.timings))
+    if result.loras:
+        print("LoRAs: " + ", ".join(f"{name} at {weight:g}" for name, weight in result.loras))
     print(f"plan: {result.plan.summary()}")
     if result.peak_memory:
         print(f"memory: predicted peak {result.plan.predicted_peak / 2**30:.2f} GB, measured "
@@ -329,6 +359,99 @@ def _devices(args) -> None:
             print(f"{found.backend:7s} available: {found.describe()}")
         else:
             print(f"{found.backend:7s} unavailable: {found.reason}")
+
+
+def _lora_args(values: list[str], folder) -> list[tuple[Path, float]]:
+    """[(file, weight)] from --lora's PATH[:WEIGHT] values, each file found (in `folder` for a bare name)
+    before any model is loaded. A colon ends the path only when the whole value is not a file: a file
+    may have one in its name, and a weight never holds a path separator (C:\\loras\\x on Windows)."""
+    from .engine import adapters
+
+    out = []
+    for value in values:
+        ref, weight = value, 1.0
+        head, colon, tail = value.rpartition(":")
+        if colon and head and tail and not Path(value).is_file() and not any(c in tail for c in "/\\"):
+            try:
+                weight = float(tail)
+            except ValueError:
+                raise EdgediffError(f"--lora {value}: the weight {tail!r} is not a number (write "
+                                    f"--lora {head}:0.8)") from None
+            if not math.isfinite(weight):
+                raise EdgediffError(f"--lora {value}: the weight must be a finite number")
+            ref = head
+        out.append((adapters.find_lora(ref, Path(folder) if folder is not None else None), weight))
+    return out
+
+
+def _loras(args) -> None:
+    from .engine import adapters
+
+    folder = Path(args.lora_dir)
+    if not folder.is_dir():
+        raise EdgediffError(f"--lora-dir {folder} is not a folder")
+    targets = None
+    if args.model is not None:
+        from .engine.model_folder import read_model_folder
+
+        model = read_model_folder(args.model)
+        targets = adapters.Targets.of_folder(model.path, model.family)
+        if not targets.weights:
+            raise EdgediffError(f"{model.path} records no weight map, which LoRAs need; export the model again "
+                                "with `edgediff export`")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    # previews, notes and civitai's .json beside the LoRAs are not LoRAs: counted, not listed
+    candidates = [p for p in files if p.suffix.lower() in (".safetensors", *adapters.PICKLE_SUFFIXES)]
+    if not candidates:
+        print(f"no LoRA files (.safetensors) in {folder}")
+        return
+    width = max(24, *(len(p.stem) for p in candidates))
+    print(f"{'name':{width}s} {'family':8s} {'hash':12s} {'layers':>6s} {'rank':>5s}"
+          + (f"  fits {model.name}" if targets is not None else ""))
+    # one line per file, whatever is wrong with it: a bad file is named, and the listing goes on
+    for path in candidates:
+        try:
+            lora = adapters.read_lora(path)
+        except EdgediffError as e:
+            label = "refused" if path.suffix.lower() in adapters.PICKLE_SUFFIXES else "cannot be used"
+            print(f"{path.stem:{width}s} {label}: {e}")
+            continue
+        except Exception as e:  # a file nobody foresaw: named on its line, as main() names a bug
+            print(f"{path.stem:{width}s} cannot be read: {type(e).__name__}: {first_line(e)}")
+            continue
+        ranks = {layer.down.shape[0] for layer in lora.layers.values()}
+        rank = str(ranks.pop()) if len(ranks) == 1 else "mixed"
+        line = (f"{lora.name:{width}s} {adapters.family_title(lora.family_hint):8s} {lora.hash:12s} "
+                f"{len(lora.layers):6d} {rank:>5s}")
+        if targets is not None:
+            line += f"  {_fits(lora, targets)}"
+        if lora.unsupported:
+            kinds = ", ".join(sorted(set(lora.unsupported.values())))
+            line += f" ({len(lora.unsupported)} module(s) of {kinds} not applied)"
+        print(line)
+    if len(files) > len(candidates):
+        print(f"({len(files) - len(candidates)} other file(s) in {folder}: not LoRAs)")
+
+
+def _fits(lora, targets) -> str:
+    """Whether a LoRA applies to a model at load time, in a few words, or the one line why not."""
+    from .engine import adapters
+
+    # match() warns about keys it skips; here the count says it, on the LoRA's own line
+    quiet = logging.getLogger("edgediff")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        matched = adapters.match(lora, targets)
+    except EdgediffError as e:
+        return f"no: {e}"
+    finally:
+        quiet.setLevel(level)
+    quantized = sorted({c for c, p in matched if targets.weights[(c, p)].dtype == "int8"})
+    if quantized:
+        return (f"no: this export's {', '.join(quantized)} is int8; bake the LoRA in with "
+                "`edgediff export SRC --lora FILE:WEIGHT`")
+    return "yes" if len(matched) == len(lora.layers) else f"yes, {len(matched)} of its {len(lora.layers)} layers"
 
 
 def _unavailable():

@@ -41,6 +41,7 @@ import numpy as np
 from ..engine.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
 from ..engine.errors import EdgediffError
 from ..engine.files import atomic_folder, check_out
+from . import weight_map
 from .onnx_export import (MANIFEST, VARIANT_MAX_RELATIVE_ERROR, ComponentReport, _check_source, _quiet,
                           manifest_header, psnr, source_family)
 
@@ -77,11 +78,12 @@ def coreml_shapes(width: int, height: int, batch: int, in_channels: int = 4, hid
 def export_coreml(src: str | Path, out: str | Path, width: int, height: int, batch: int = 1,
                   attention: str = "standard", compute_units: str = "ALL", force: bool = False,
                   components: tuple[str, ...] = COMPONENTS, name: str | None = None,
-                  source: dict | None = None) -> list[ComponentReport]:
+                  source: dict | None = None, loras: tuple = ()) -> list[ComponentReport]:
     """Export the diffusers folder `src` to Core ML packages in `out` for `width` x `height` images made
     `batch` at a time; returns the per-component reports (also in out/edgediff.json). `components`
     selects a subset, as Apple's torch2coreml does with its --convert-* flags (each one takes minutes).
-    `name` and `source` are export_onnx's: the model's name and where the folder came from."""
+    `name` and `source` are export_onnx's: the model's name and where the folder came from. `loras`,
+    ((path, weight), ...), are baked into the weights: a package cannot change its weights when loaded."""
     import torch
 
     try:
@@ -108,11 +110,14 @@ def export_coreml(src: str | Path, out: str | Path, width: int, height: int, bat
     if len(family.text_encoders) != 1 or family.unet.inputs != UNET.inputs:
         raise EdgediffError(f"{src} is a {family.title} model, and the Core ML export converts SD 1.x and 2.x "
                             "models only so far; export it with --format onnx (the coreml backend runs that)")
+    # matched against the source's weights now: a LoRA that does not fit is refused before any conversion
+    baked = weight_map.bake_plan(src, family, json.loads((src / "unet" / "config.json").read_text()),
+                                 loras) if loras else {}
     check_out(out, force, folder=True)
     with atomic_folder(out) as tmp:
         with torch.no_grad(), _quiet(), _quiet_coremltools():
             reports, shapes = _export_all(src, tmp, width, height, batch, attention, compute_units,
-                                          components)
+                                          components, baked)
         manifest = {
             **manifest_header("edgediff-coreml", 1, src, name, source),
             "width": width, "height": height, "batch": batch,
@@ -121,6 +126,9 @@ def export_coreml(src: str | Path, out: str | Path, width: int, height: int, bat
             "attention": attention,
             "compute_units": compute_units,
             "minimum_deployment_target": DEPLOYMENT_TARGET,
+            # LoRAs baked into the weights, as the ONNX manifest names them: name, AUTOMATIC1111's hash, weight
+            "loras": [{"name": Path(f).stem, "hash": h, "weight": float(w)} for (f, w), h in
+                      zip(loras, weight_map.lora_hashes(loras))],
             "components": {r.name: asdict(r) for r in reports},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -141,7 +149,8 @@ def _quiet_coremltools():
 
 
 def _export_all(src: Path, tmp: Path, width: int, height: int, batch: int, attention: str,
-                compute_units: str, components: tuple[str, ...]) -> tuple[list[ComponentReport], dict]:
+                compute_units: str, components: tuple[str, ...],
+                baked: dict | None = None) -> tuple[list[ComponentReport], dict]:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -178,6 +187,8 @@ def _export_all(src: Path, tmp: Path, width: int, height: int, batch: int, atten
                 loaded[name] = UNet2DConditionModel.from_pretrained(src / name).eval()
             else:
                 loaded[name] = AutoencoderKL.from_pretrained(src / name).eval()
+            # before the parity check and the conversion: both see the weights with the LoRAs in
+            weight_map.bake(loaded[name], (baked or {}).get(name), text=name == "text_encoder")
         return loaded[name]
 
     jobs = [  # spec, wrapper, sample inputs, source folder, has diffusers attention layers

@@ -91,7 +91,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         # "fused" is ONNX Runtime's own operator; for Core ML the default is the plain graph
         attention = "standard" if options.attention == "fused" else options.attention
         export_coreml(folder, out, attention=attention, force=force, name=name or default_name,
-                      source=source.describe(), **coreml)
+                      source=source.describe(), loras=options.loras, **coreml)
         return json.loads((out / MANIFEST).read_text())
 
 
