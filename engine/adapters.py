@@ -177,6 +177,9 @@ def read_lora(path: str | Path) -> LoraFile:
         if module in unsupported:
             continue
         alpha = p.get("alpha")
+        if alpha is not None and np.asarray(alpha).size != 1:  # else an IndexError, not a sentence
+            raise EdgediffError(f"{path.name}: {module}.alpha holds {np.asarray(alpha).size} values, not one; "
+                                "download it again")
         layers[module] = Layer(p["down"], p["up"], None if alpha is None else float(np.asarray(alpha).reshape(-1)[0]))
     if not layers:
         kinds = sorted(set(unsupported.values()))
