@@ -158,6 +158,12 @@ def bad_loras(tmp_path, lora_dir, sd1_layers):
     to_k = next(m for _, m in sd1_layers if m.endswith("attn2.to_k"))
     kohya(tmp_path / "xl.safetensors", {("lora_unet", to_k): (sd1_layers[("lora_unet", to_k)][0], 2048),
                                         ("lora_te2", "text_model.encoder.layers.0.mlp.fc1"): (5120, 1280)})
+    from safetensors.numpy import save_file
+
+    key = "lora_unet_" + to_k.replace(".", "_")  # an alpha holding no value
+    save_file({f"{key}.lora_down.weight": np.ones((4, 32), np.float32), f"{key}.lora_up.weight":
+               np.ones((32, 4), np.float32), f"{key}.alpha": np.zeros(0, np.float32)},
+              str(tmp_path / "alpha.safetensors"))
     return tmp_path
 
 
@@ -165,6 +171,7 @@ def bad_loras(tmp_path, lora_dir, sd1_layers):
     ("pickle", ["--lora", "{dir}/old.ckpt"], ["old.ckpt is a pickle", ".safetensors"]),
     ("truncated", ["--lora", "{dir}/cut.safetensors:0.5"], ["cut.safetensors", "truncated"]),
     ("sdxl", ["--lora", "{dir}/xl.safetensors"], ["xl.safetensors is an SDXL LoRA", "SD 1.x"]),
+    ("empty alpha", ["--lora", "{dir}/alpha.safetensors"], ["alpha.safetensors", "alpha holds 0 values"]),
     ("no such name", ["--lora", "nosuch:0.5", "--lora-dir", "{loras}"], ["'nosuch' is not in", "style"]),
     ("a name without a folder", ["--lora", "style"], ["'style' is not a file", "--lora-dir"]),
     ("weight", ["--lora", "{loras}/style.safetensors:abc"], ["the weight 'abc' is not a number"]),
