@@ -321,7 +321,8 @@ class Pipeline:
     def describe(self) -> str:
         """How this pipeline runs: what a user (or a bug report) needs to know."""
         moved = "".join(f"; {name} moved to {b}" for name, b in self.moved.items())
-        return (self.plan.describe() if self.plan else "no plan yet") + moved
+        loras = "; LoRAs " + ", ".join(f"{lora.name} at {w:g}" for lora, w in self.loras) if self.loras else ""
+        return (self.plan.describe() if self.plan else "no plan yet") + moved + loras
 
     def default_scheduler(self) -> str:
         name = DEFAULT_SCHEDULER_FOR_CLASS.get(self.model.scheduler_class, FALLBACK_SCHEDULER)
@@ -363,7 +364,10 @@ class Pipeline:
         target size default to the output size, the crop corner to (0, 0); the negative sizes count when
         both are given, as in diffusers. `timestep_spacing` ("leading", "linspace" or "trailing")
         overrides the model's scheduler config: single files carry none, and few-step models (Turbo,
-        Lightning) need "trailing", which AUTOMATIC1111 calls the SGM Uniform schedule."""
+        Lightning) need "trailing", which AUTOMATIC1111 calls the SGM Uniform schedule.
+
+        AUTOMATIC1111's `<lora:name:weight>` in a prompt applies the LoRA `name` of the pipeline's LoRA
+        folder for this call, on top of `set_loras`' set; the tag is taken out of the prompt text."""
         timings: dict[str, float] = {}
         model = self.model
         family = model.family
