@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import sys
 import threading
@@ -372,13 +371,7 @@ def _lora_args(values: list[str], folder) -> list[tuple[Path, float]]:
         ref, weight = value, 1.0
         head, colon, tail = value.rpartition(":")
         if colon and head and tail and not Path(value).is_file() and not any(c in tail for c in "/\\"):
-            try:
-                weight = float(tail)
-            except ValueError:
-                raise EdgediffError(f"--lora {value}: the weight {tail!r} is not a number (write "
-                                    f"--lora {head}:0.8)") from None
-            if not math.isfinite(weight):
-                raise EdgediffError(f"--lora {value}: the weight must be a finite number")
+            weight = adapters.parse_weight(tail, f"--lora {value}", f"--lora {head}:0.8")
             ref = head
         out.append((adapters.find_lora(ref, Path(folder) if folder is not None else None), weight))
     return out

@@ -578,6 +578,17 @@ def ldm_unet_names(config: dict) -> dict[str, str]:
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
 
+def parse_weight(text: str, where: str, example: str) -> float:
+    """A LoRA's weight written as text (a prompt's tag, a command-line value), or one line saying why not."""
+    try:
+        weight = float(text)
+    except ValueError:
+        raise EdgediffError(f"{where}: the weight {text!r} is not a number (write {example})") from None
+    if not np.isfinite(weight):
+        raise EdgediffError(f"{where}: the weight must be a finite number")
+    return weight
+
+
 def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """The prompt without its <lora:...> tags, and the (name, weight) each tag asks for."""
     found = []
@@ -588,13 +599,7 @@ def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
             raise EdgediffError(f"{m.group(0)}: separate text-encoder and UNet weights are not supported; give one "
                                 f"weight, as <lora:{name}:0.8>")
         if rest is not None:
-            try:
-                weight = float(rest)
-            except ValueError:
-                raise EdgediffError(f"{m.group(0)}: the weight {rest!r} is not a number (write "
-                                    f"<lora:{name}:0.8>)") from None
-            if not np.isfinite(weight):
-                raise EdgediffError(f"{m.group(0)}: the weight must be a finite number")
+            weight = parse_weight(rest, m.group(0), f"<lora:{name}:0.8>")
         found.append((name, weight))
     if not found:
         return prompt, found

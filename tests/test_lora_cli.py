@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 from loras import ATTENTION, TEXT, embedding, kohya, modules
+from test_cli import one_line_error
 from PIL import Image
 
 from edgediff.cli import main
@@ -25,13 +26,6 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def one_line_error(code, err, *words):
-    lines = [line for line in err.splitlines() if line.startswith("edgediff: error:")]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def pixels(path) -> np.ndarray:
