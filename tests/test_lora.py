@@ -95,6 +95,7 @@ def check(tiny, kind, loras, **kwargs):
     got = draw(pipe, negative_prompt=NEGATIVE, **kwargs)
     pipe.set_loras([])
     plain = draw(pipe, negative_prompt=NEGATIVE, **kwargs)
+    print(f"[{kind}] {psnr(got, want):.1f} dB against diffusers; {psnr(got, plain):.1f} dB from no LoRA")
     assert psnr(got, want) >= MIN_PSNR, f"{psnr(got, want):.1f} dB against diffusers"
     assert psnr(got, plain) < CHANGED, f"the LoRA changed the picture by only {psnr(got, plain):.1f} dB"
     return got
@@ -171,6 +172,7 @@ def test_lcm_lora_shaped_file_matches_diffusers(tiny, tmp_path):
     want = draw(diffusers_with(tiny, "sd1", [(path, 1.0)]), guidance_scale=1.0)
     pipe = ours(tiny, "sd1", loras=[(path, 1.0)])
     got = draw(pipe, guidance_scale=1.0)
+    print(f"{psnr(got, want):.1f} dB against diffusers")
     assert psnr(got, want) >= MIN_PSNR, f"{psnr(got, want):.1f} dB"
     pipe.set_loras([])
     assert psnr(draw(pipe, guidance_scale=1.0), got) < CHANGED
@@ -189,6 +191,7 @@ def test_fp16_export_takes_loras(tiny, tmp_path):
     want = draw(diffusers_with(tiny, "sd1", [(path, 0.8)]), negative_prompt=NEGATIVE)
     pipe = Pipeline.from_pretrained(folder, backend="cpu", loras=[(path, 0.8)])
     got = draw(pipe, negative_prompt=NEGATIVE)
+    print(f"fp16: {psnr(got, want):.1f} dB against diffusers fp32")
     assert psnr(got, want) >= 40, f"{psnr(got, want):.1f} dB"
     pipe.set_loras([])
     assert psnr(draw(pipe, negative_prompt=NEGATIVE), got) < CHANGED
@@ -209,6 +212,7 @@ def test_embeddings_in_prompt_and_negative_match_diffusers(tiny, tmp_path):
     want = draw(ref, prompt, negative_prompt=negative)
     pipe = ours(tiny, "sd1", embeddings=[shiny, ugly])
     got = draw(pipe, prompt, negative_prompt=negative)
+    print(f"{psnr(got, want):.1f} dB against diffusers")
     assert psnr(got, want) >= MIN_PSNR, f"{psnr(got, want):.1f} dB"
     plain = draw(ours(tiny, "sd1"), prompt, negative_prompt=negative)
     assert psnr(got, plain) < CHANGED
@@ -230,6 +234,7 @@ def test_sdxl_embedding_pair_matches_diffusers(tiny, tmp_path):
                                tokenizer=ref.tokenizer_2)
     want = draw(ref, "a glow circle", negative_prompt=NEGATIVE)
     got = draw(ours(tiny, "sdxl", embedding_dir=tmp_path), "a glow circle", negative_prompt=NEGATIVE)
+    print(f"{psnr(got, want):.1f} dB against diffusers")
     assert psnr(got, want) >= MIN_PSNR, f"{psnr(got, want):.1f} dB"
     assert psnr(got, draw(ours(tiny, "sdxl"), "a glow circle", negative_prompt=NEGATIVE)) < CHANGED
 
