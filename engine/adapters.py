@@ -121,7 +121,7 @@ def short_hash(path: Path, metadata: dict, header_size: int) -> str:
     return h.hexdigest()[:12]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy fields: compared by identity
 class Layer:
     """One module's low-rank pair, as in the file."""
 
@@ -137,7 +137,7 @@ class Layer:
         return (product * np.float32(scale)).reshape(shape)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy fields: compared by identity
 class LoraFile:
     path: Path
     name: str  # the file's stem: what `<lora:name:w>` and "Lora hashes" call it
@@ -358,7 +358,7 @@ def match(lora: LoraFile, targets: Targets) -> dict[tuple[str, str], Layer]:
 
 # -- embeddings ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy fields: compared by identity
 class Embedding:
     name: str  # the trigger word: the file's name
     path: Path

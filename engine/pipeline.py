@@ -165,8 +165,13 @@ class Pipeline:
         return pipe
 
     def make_plan(self, request: Request) -> Plan:
-        """The plan a request would follow on this pipeline's device and budget; nothing is loaded."""
-        return make_plan(self.model, request, self.device, self.memory_budget)
+        """The plan a request would follow on this pipeline's device and budget; nothing is loaded. The
+        weights LoRAs and embeddings replace are held beside the sessions: they count too."""
+        held = sum(v.nbytes for o in self._overrides.values() for v in o.values.values()) + sum(
+            t.nbytes for lora in self._lora_files.values() for layer in lora.layers.values()
+            for t in (layer.down, layer.up))
+        return make_plan(self.model, dataclasses.replace(request, held=request.held + held), self.device,
+                         self.memory_budget)
 
     # -- LoRAs and embeddings -------------------------------------------------------------------------
 
@@ -237,6 +242,9 @@ class Pipeline:
             if (old.key if old else None) != (new.key if new else None):
                 self._sessions.pop(component, None)  # re-created, with its new weights, when next used
         self._overrides, self._applied = overrides, tuple(loras)
+        # Read files are kept while applied or set, not for every LoRA a prompt ever named (a server)
+        used = {id(lora) for lora, _ in (*self._applied, *self.loras)}
+        self._lora_files = {k: v for k, v in self._lora_files.items() if id(v) in used}
         gc.collect()
 
     def _prompt_loras(self, prompts: list[str]) -> tuple[list[str], tuple]:

@@ -105,6 +105,11 @@ class Request:
     batch: int = 1  # images per call
     cfg: bool = True  # classifier-free guidance: the UNet sees 2 x batch
     img2img: bool = False  # the VAE encoder runs too
+    # bytes of host memory the pipeline keeps beside its sessions: the LoRA- and embedding-changed weights
+    # that replace exported ones (ONNX Runtime reads them from our buffers for the session's life, and
+    # keeps its own prepacked copies too). They count on unified memory; a card gets the same bytes it
+    # would without them.
+    held: int = 0
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,7 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
     # the host: they are small and run once, so the CPU costs little time and spares the card their weights.
     host_ok = [c.name for c in family.components if c.host_ok]
     on_host = tuple(n for n in order if n in host_ok) if streamed is True and not device.unified_memory else ()
+    adapters = request.held if device.unified_memory else 0
     stages = []
     for name in order:
         held = [n for n in resident if n != name] + [name]
@@ -260,8 +266,10 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         held = [part for n in held for part in (decoder if n == "vae_decoder" else (n,))]
         weights = sum(parts[n].weights for n in held if n in parts)
         act, detail = runs[name]
-        peak = cost.fixed + int(cost.weights * weights) + int(cost.activations * act) + cost.session * len(held)
-        stages.append(Stage(name, peak, f"{detail}; weights {_gb(weights)} held"))
+        peak = cost.fixed + int(cost.weights * weights) + int(cost.activations * act) + cost.session * len(held) \
+            + adapters
+        extra = f" + LoRA/embedding weights {_gb(adapters)}" if adapters else ""
+        stages.append(Stage(name, peak, f"{detail}; weights {_gb(weights)} held{extra}"))
     if margin:  # the split decoder only where it beats a whole decode; else blended tiles save the memory
         whole = _plan(model, parts, request, device, limit, rung, cfg_batched, streamed, False, sliced)
         if _stage(stages, "vae_decoder") >= _stage(whole.stages, "vae_decoder"):

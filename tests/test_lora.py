@@ -407,3 +407,24 @@ def test_the_export_maps_every_weight_of_the_unet_and_text_encoder(tiny):
     slots = json.loads((folder / "text_encoder" / "weight_map.json").read_text())["embedding_slots"]
     assert slots[1] == 1024
     gc.collect()
+
+
+def test_the_plan_counts_the_weights_a_lora_replaces(tiny, tmp_path):
+    """The merged weights live beside the sessions for their whole life (ONNX Runtime reads them from our
+    buffers): on unified memory every stage's prediction grows by them and the LoRA's own tensors; a
+    card's does not (the weights it gets replace the exported ones)."""
+    import dataclasses
+
+    from edgediff.engine.plan import Request
+
+    path = kohya(tmp_path / "a.safetensors", layers(tiny, "sd1"))
+    plain, pipe = ours(tiny, "sd1"), ours(tiny, "sd1", loras=[(path, 1.0)])
+    lora = adapters.read_lora(path)
+    merged = adapters.merged(pipe._adapter_targets("LoRAs"), [(lora, 1.0)])
+    held = sum(v.nbytes for c in merged.values() for v in c.values()) + sum(
+        t.nbytes for layer in lora.layers.values() for t in (layer.down, layer.up))
+    request = Request(64, 64)
+    assert [s.peak - held for s in pipe.make_plan(request).stages] == [s.peak for s in plain.make_plan(request).stages]
+    card = dataclasses.replace(pipe.device, backend="cuda", unified_memory=False, free_memory=None)
+    pipe.device = plain.device = card
+    assert [s.peak for s in pipe.make_plan(request).stages] == [s.peak for s in plain.make_plan(request).stages]
