@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -289,13 +288,6 @@ def session_options():
 
 def provider_names(providers: list) -> list[str]:
     return [p[0] if isinstance(p, tuple) else p for p in providers]
-
-
-def cache_root() -> Path:
-    """edgediff's cache folder (EDGEDIFF_CACHE, else the platform's): the rule of export.sources."""
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("EDGEDIFF_CACHE") or user_cache_dir("edgediff"))
 
 
 def artifact_key(path: Path) -> str:

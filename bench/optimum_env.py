@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]  # the checkout, when edgediff is ins
 def _default_venv() -> Path:
     if (REPO / "pyproject.toml").is_file():
         return REPO / ".venv-optimum"
-    from ..export.sources import cache_root
+    from ..engine.files import cache_root
 
     return cache_root() / "venv-optimum"
 

@@ -70,7 +70,7 @@ def optimum_model(diffusers_folder: str | None, source_sha256: str | None, given
     if not diffusers_folder or not source_sha256:
         raise PeerUnavailable("the model has no diffusers folder for optimum-cli to export (give --optimum-model)")
     from ..engine.files import atomic_folder
-    from ..export.sources import cache_root
+    from ..engine.files import cache_root
     from .optimum_env import subprocess_env
 
     out = cache_root() / "bench" / "optimum" / source_sha256[:16]

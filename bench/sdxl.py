@@ -21,7 +21,7 @@ VERSION = 1  # bump when what is built changes, so old caches are not reused
 
 
 def default_folder() -> Path:
-    from ..export.sources import cache_root
+    from ..engine.files import cache_root
 
     return cache_root() / "bench" / f"sdxl-random-v{VERSION}-seed{SEED}"
 

@@ -26,6 +26,14 @@ log = logging.getLogger("edgediff")
 _PARTIAL = re.compile(r"^\..+\.partial-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
 
 
+def cache_root() -> Path:
+    """edgediff's cache folder: EDGEDIFF_CACHE, else the platform's user cache folder. Exports of sources
+    (export/sources.py), compiled engines (backends) and the benchmark's models live under it."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("EDGEDIFF_CACHE") or user_cache_dir("edgediff"))
+
+
 def partial_prefix(name: str) -> str:
     """The prefix of a temporary file or folder that becomes `name` (or holds scratch work for it).
 

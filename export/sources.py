@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.errors import EdgediffError
-from ..engine.files import check_out, scratch_folder, sweep_partials
+from ..engine.files import cache_root, check_out, scratch_folder, sweep_partials
 from .onnx_export import MANIFEST, ExportOptions, folder_hash
 
 log = logging.getLogger("edgediff")
@@ -136,12 +136,6 @@ def ensure_exported(src: str | Path, options: ExportOptions = ExportOptions(), *
     log.info("exporting %s to %s (once; later runs reuse it)", what, out)
     export_model(src, out, options, force=True, **kwargs)
     return out
-
-
-def cache_root() -> Path:
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("EDGEDIFF_CACHE") or user_cache_dir("edgediff"))
 
 
 def _scratch_dir(out: Path) -> Path:

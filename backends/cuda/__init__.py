@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 
 from ...engine.components import ComponentSpec
-from ..base import (GiB, Device, OrtProviderBackend, OrtSession, Overrides, Unavailable, artifact_key, cache_root,
+from ...engine.files import cache_root
+from ..base import (GiB, Device, OrtProviderBackend, OrtSession, Overrides, Unavailable, artifact_key,
                     export_dtype, first_line, session_options)
 
 CUDA = "CUDAExecutionProvider"
