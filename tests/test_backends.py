@@ -12,8 +12,10 @@ from dataclasses import FrozenInstanceError
 from pathlib import Path
 from types import SimpleNamespace
 
+import hosts
 import numpy as np
 import pytest
+from hosts import fake_nvml
 
 from edgediff import EdgediffError, backends
 from edgediff.backends.base import Device, OrtProviderBackend, OrtSession, Unavailable
@@ -24,15 +26,23 @@ from edgediff.backends.rocm import RocmBackend, migraphx_provider_options, rocm_
 from edgediff.engine.components import TEXT_ENCODER, UNET
 
 
-def test_cpu_is_last_and_always_there():
+def test_cpu_is_last_and_always_there(monkeypatch):
     assert list(backends.REGISTRY)[-1] == "cpu"
+    hosts.simulate(monkeypatch)  # a PC with onnxruntime's CPU build, whatever runs this test
     found = backends.probe_all()
     assert [f.backend for f in found] == list(backends.REGISTRY)
+    assert [type(f) for f in found] == [Unavailable, Unavailable, Unavailable, Device]
     cpu = found[-1]
-    assert isinstance(cpu, Device) and cpu.providers == ("CPUExecutionProvider",)
+    assert cpu.providers == ("CPUExecutionProvider",)
     assert cpu.total_memory and cpu.free_memory and cpu.free_memory <= cpu.total_memory
+    assert backends.select("auto")[1].backend == "cpu"
+    # the same PC with an NVIDIA card and onnxruntime-gpu: the card is chosen, the CPU is still there, last
+    hosts.simulate(monkeypatch, providers=(CUDA, CPU), nvml=fake_nvml("NVIDIA GeForce RTX 3060", 12 * GiB,
+                                                                      11 * GiB, (8, 6)))
+    found = backends.probe_all()
+    assert [type(f) for f in found] == [Device, Unavailable, Unavailable, Device] and found[-1].backend == "cpu"
     backend, device = backends.select("auto")
-    assert device.backend == "cpu"  # nothing else on this machine
+    assert backend.name == "cuda" and device.name == "NVIDIA GeForce RTX 3060"
 
 
 @pytest.mark.parametrize("name, present, provider", [
@@ -49,11 +59,19 @@ def test_provider_backends_probe_what_onnxruntime_offers(name, present, provider
     assert device.providers == (provider, "CPUExecutionProvider")  # CPU as ONNX Runtime's own fallback
 
 
-def test_unavailable_backends_say_why_and_refuse_when_asked_for():
+def test_unavailable_backends_say_why_and_refuse_when_asked_for(monkeypatch):
+    hosts.simulate(monkeypatch)
     cuda = backends.get_backend("cuda").probe()
     assert isinstance(cuda, Unavailable) and "onnxruntime-gpu" in cuda.reason
     with pytest.raises(EdgediffError, match="backend 'cuda' is not available here: onnxruntime-gpu"):
         backends.select("cuda")
+    # onnxruntime-gpu on a machine without an NVIDIA driver: the provider is in the build, the GPU is not
+    hosts.simulate(monkeypatch, providers=(CUDA, CPU),
+                   nvml=fake_nvml("", 0, 0, (0, 0), init_error="Driver Not Loaded"))
+    with pytest.raises(EdgediffError, match=r"backend 'cuda' is not available here: CUDA provider present "
+                                            r"but no NVIDIA driver found \(NVML: Driver Not Loaded\)"):
+        backends.select("cuda")
+    assert backends.select("auto")[1].backend == "cpu"
     with pytest.raises(EdgediffError, match="unknown backend 'tpu'"):
         backends.select("tpu")
 
@@ -84,25 +102,6 @@ def test_session_casts_inputs_to_what_the_graph_declares(tmp_path):
 GiB = 2**30
 CPU = "CPUExecutionProvider"
 CUDA, TRT = "CUDAExecutionProvider", "TensorrtExecutionProvider"
-
-
-def fake_nvml(name, total, free, capability, driver="550.54.14", count=1, init_error=None):
-    """What nvidia-ml-py's pynvml answers on a machine with one such card."""
-    class NVMLError(Exception):
-        pass
-
-    def init():
-        if init_error:
-            raise NVMLError(init_error)
-
-    handles = []
-    return SimpleNamespace(
-        NVMLError=NVMLError, nvmlInit=init, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: count,
-        nvmlDeviceGetHandleByIndex=lambda i: handles.append(i) or f"handle{i}",
-        nvmlDeviceGetName=lambda h: name,
-        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(total=total, free=free, used=total - free),
-        nvmlSystemGetDriverVersion=lambda: driver,
-        nvmlDeviceGetCudaComputeCapability=lambda h: capability, handles=handles)
 
 
 def cuda(nvml, providers=(CUDA, CPU), **kwargs):
@@ -297,15 +296,20 @@ def test_device_is_frozen_and_printable():
 
 # --- Provider options: built by pure functions, checked as built. ---
 
-def test_cuda_provider_options():
-    assert cuda_provider_options(1, 3 * GiB) == {
-        "device_id": "1", "arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "EXHAUSTIVE",
-        "do_copy_in_default_stream": "1", "gpu_mem_limit": str(3 * GiB)}
-    assert "gpu_mem_limit" not in cuda_provider_options(0)
-    trt = tensorrt_provider_options(0, True, Path("/cache/trt"), memory_limit=2 * GiB)
-    assert trt["trt_fp16_enable"] == "1" and trt["trt_engine_cache_enable"] == "1"
-    assert trt["trt_engine_cache_path"] == "/cache/trt" and trt["trt_max_workspace_size"] == str(GiB // 2)
-    assert tensorrt_provider_options(0, False, Path("/c"))["trt_max_workspace_size"] == str(GiB)
+def test_cuda_session_asks_for_the_probed_device_and_the_memory_limit(tmp_path, monkeypatch, caplog):
+    """What ONNX Runtime is asked for when the CUDA backend opens a session (recorded; no GPU here, so the
+    session then falls back to the CPU): the device the backend was made for, and the allocator cap it
+    was given, or none."""
+    asked = hosts.record_sessions(monkeypatch)
+    path = _add_graph(tmp_path / "m.onnx")
+    backend = cuda(fake_nvml("NVIDIA A10", 24 * GiB, 23 * GiB, (8, 6), count=2), device_id=1)
+    device = backend.probe()
+    for limit in (3 * GiB, None):
+        asked.clear()
+        session, took, _ = backends.open_with_fallback(path, UNET, backend, device, memory_limit=limit)
+        options = hosts.provider_options(asked[0][1], CUDA)
+        assert options["device_id"] == "1" and options.get("gpu_mem_limit") == (limit and str(limit))
+        assert took.name == "cpu" and hosts.provider_options(asked[-1][1], CUDA) is None
 
 
 def test_tensorrt_first_with_a_cache_per_export_and_the_graphs_dtype(tmp_path):
@@ -497,17 +501,20 @@ def failing_probe():
     return SimpleNamespace(name="coreml", probe=lambda: Unavailable("coreml", "not here"))
 
 
-def test_devices_command_says_why_accelerators_are_unavailable_here(capsys):
-    import platform
-
+def test_devices_command_says_why_accelerators_are_unavailable(monkeypatch, capsys):
     from edgediff.cli import main
 
+    hosts.simulate(monkeypatch, system="Linux", machine="x86_64")
     assert main(["devices"]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert list(lines) == ["cuda", "rocm", "coreml", "cpu"]
     assert lines["cuda"] == "unavailable: onnxruntime-gpu is not installed (pip install onnxruntime-gpu)"
     assert lines["rocm"].startswith("unavailable: no ONNX Runtime build with the MIGraphX or ROCm")
-    if platform.system() != "Darwin":
-        assert lines["coreml"] == f"unavailable: not on macOS with Apple Silicon (this is {platform.system()} " \
-                                  f"{platform.machine()})"
+    assert lines["coreml"] == "unavailable: not on macOS with Apple Silicon (this is Linux x86_64)"
     assert lines["cpu"].startswith("available: ") and "GiB total" in lines["cpu"] and CPU in lines["cpu"]
+    # with a card, its line says what the probe found
+    hosts.simulate(monkeypatch, providers=(CUDA, CPU), nvml=fake_nvml("NVIDIA GeForce RTX 3060", 12 * GiB,
+                                                                      11 * GiB, (8, 6)))
+    assert main(["devices"]) == 0
+    cuda_line = capsys.readouterr().out.splitlines()[0]
+    assert cuda_line.startswith("cuda    available: NVIDIA GeForce RTX 3060; 12.0 GiB total, 11.0 GiB free")

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
-
 import logging
 
+import hosts
+import pytest
 from PIL import Image
 
 from edgediff.cli import DEMO_CAPTIONS, main
 
 pytestmark = pytest.mark.slow  # the demo's own export and six generations
+
+
+@pytest.fixture(autouse=True)
+def cpu_only_host(monkeypatch):
+    """The demo on a PC with onnxruntime's CPU build, whatever runs the test: `auto` picks the CPU, and the
+    report names the accelerators it did not find."""
+    hosts.simulate(monkeypatch)
 
 
 def test_demo_exports_once_generates_and_reports(tmp_path, monkeypatch, capsys, caplog):
@@ -20,6 +27,7 @@ def test_demo_exports_once_generates_and_reports(tmp_path, monkeypatch, capsys, 
     out = capsys.readouterr().out
     assert "model: built-in" in out
     assert "backend: cpu" in out and "plan: resident plan on cpu" in out
+    assert "others: cuda: onnxruntime-gpu is not installed" in out
     assert "ms per image on average" in out
     sheet = tmp_path / "pics" / "contact-sheet.png"
     assert f"wrote {len(DEMO_CAPTIONS)} PNGs and {sheet.resolve()}" in out
