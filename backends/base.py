@@ -178,6 +178,7 @@ class OrtSession:
         self._bind_device = bind_device
         self._binding = None  # an ort.IOBinding, made by the first `keep`
         self._kept: dict[str, np.ndarray] = {}  # name -> the array given to `keep` (identity is the check)
+        self._bound: dict[str, object] = {}  # name -> the OrtValue bound for it, kept alive with the binding
         self.uploads = 0  # inputs copied into device OrtValues by `keep`; tests check kept ones are not re-sent
         self.bound_runs = 0  # runs that went through the IO binding
 
@@ -195,6 +196,9 @@ class OrtSession:
             self._binding = self._session.io_binding()
         value = ort.OrtValue.ortvalue_from_numpy(self._feed(name, array), *self._bind_device)
         self._binding.bind_ortvalue_input(name, value)
+        # The binding refers to the OrtValue's memory without owning it: on the CPU that is the fed array
+        # (a copy when _feed casts or makes it contiguous), which lives only as long as this OrtValue.
+        self._bound[name] = value
         self._kept[name] = array
         self.uploads += 1
 

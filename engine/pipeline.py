@@ -161,7 +161,7 @@ class Pipeline:
             return pipe  # the native size does not fit this budget; a smaller request may: plan per call
         for spec in model.family.required:  # the text encoders, the UNet and the VAE decoder
             if spec.name in pipe.plan.resident:
-                pipe._session(spec)
+                pipe._session(spec, pipe.plan)
         return pipe
 
     def make_plan(self, request: Request) -> Plan:
@@ -269,28 +269,49 @@ class Pipeline:
             chosen[lora.path] = (lora, weight)
         return texts, tuple(chosen.values())
 
-    def _session(self, spec: ComponentSpec):
+    def _given_plan(self, plan, request: Request) -> Plan:
+        """A caller's plan, if it was made for this request on this pipeline's device."""
+        if not isinstance(plan, Plan):
+            raise EdgediffTypeError(f"plan must be a Plan (from pipe.make_plan), not {type(plan).__name__}")
+        made_for = dataclasses.replace(plan.request, held=0)
+        if made_for != request or plan.backend != self.device.backend:
+            raise EdgediffError(f"the plan was made for {made_for.width}x{made_for.height} x{made_for.batch} "
+                                f"(cfg {made_for.cfg}, img2img {made_for.img2img}) on {plan.backend}; this call is "
+                                f"{request.width}x{request.height} x{request.batch} (cfg {request.cfg}, img2img "
+                                f"{request.img2img}) on {self.device.backend}: make it with pipe.make_plan(request)")
+        return plan
+
+    def _session(self, spec: ComponentSpec, plan: Plan | None = None):
+        """The component's session, kept for later stages (the plan frees what it streams)."""
         if spec.name not in self._sessions:
             if not self.model.has(spec):
                 raise EdgediffError(f"{self.model.path} has no {spec.onnx_path}, which img2img and inpainting "
                                     "need; export the model again with `edgediff export`")
-            from ..backends import open_with_fallback
-
-            limit = self.plan.session_memory_limit if self.plan else None
-            path = self.model.component(spec)
-            if spec is self.model.family.unet and self.plan is not None and self.plan.needs_export:
-                path = self._variant(self.plan.needs_export) / spec.onnx_path
-            backend, device = self.backend, self.device
-            if self.plan is not None and spec.name in self.plan.on_host:
-                from ..backends import select
-
-                backend, device = select("cpu")
-            session, backend, _ = open_with_fallback(path, spec, backend, device, limit,
-                                                     overrides=self._overrides.get(spec.name))
-            if backend is not self.backend and not (self.plan and spec.name in self.plan.on_host):
-                self.moved[spec.name] = backend.name
-            self._sessions[spec.name] = session
+            self._sessions[spec.name] = self._open(spec, plan)
         return self._sessions[spec.name]
+
+    def _open(self, spec: ComponentSpec, plan: Plan | None, graph: str | None = None):
+        """The one way a session is opened: the component's graph (or `graph`, a file beside it: the fp32
+        fallback of an fp16 decoder), or the variant the plan needs; on the plan's backend (the host CPU
+        for what it runs there) with its share of the memory budget, the next backend taking over if
+        that one cannot open it; with the weights LoRAs and embeddings replace."""
+        from ..backends import open_with_fallback, select
+
+        path = self.model.component(spec)
+        if graph is not None:
+            path = path.with_name(graph)
+        elif spec is self.model.family.unet and plan is not None and plan.needs_export:
+            path = self._variant(plan.needs_export) / spec.onnx_path
+        backend, device = self.backend, self.device
+        on_host = plan is not None and spec.name in plan.on_host
+        if on_host:
+            backend, device = select("cpu")
+        limit = plan.session_limit(spec.name) if plan else None
+        session, backend, _ = open_with_fallback(path, spec, backend, device, limit,
+                                                 overrides=self._overrides.get(spec.name))
+        if backend is not self.backend and not on_host:
+            self.moved[spec.name] = backend.name
+        return session
 
     def _variant(self, options: dict) -> Path:
         """The model exported with other options (the lowest plan's sliced attention), made once from
@@ -312,16 +333,16 @@ class Pipeline:
         return ensure_exported(ref, ExportOptions(dtype=dtype, **options))
 
     @contextmanager
-    def _using(self, spec: ComponentSpec):
+    def _using(self, spec: ComponentSpec, plan: Plan):
         """A component's session for one stage; a streamed component is freed when the stage ends, even
         though the caller's `as` name outlives the `with` (it holds a lease, emptied here). Measured
         before the lease: SD 1.5's fp32 UNet stayed resident through the VAE stage of a streamed plan,
         4.53 GB where 3.92 GB was planned."""
-        lease = _Lease(self._session(spec))
+        lease = _Lease(self._session(spec, plan))
         try:
             yield lease
         finally:
-            if self.plan is not None and spec.name not in self.plan.resident:
+            if spec.name not in plan.resident:
                 self._sessions.pop(spec.name, None)
                 lease.session = None
                 gc.collect()
@@ -365,6 +386,8 @@ class Pipeline:
         negative_crops_coords_top_left: tuple[int, int] | None = None,
         negative_target_size: tuple[int, int] | None = None,
         timestep_spacing: str | None = None,
+        plan: Plan | None = None,
+        unet_inputs: Callable[[dict[str, np.ndarray]], None] | None = None,
     ) -> GenerationResult:
         """Generate. The arguments are diffusers' StableDiffusion(XL)Pipeline's. Models with two text
         encoders (SDXL) also take `prompt_2` and `negative_prompt_2` (for the second encoder; default: the
@@ -373,6 +396,9 @@ class Pipeline:
         both are given, as in diffusers. `timestep_spacing` ("leading", "linspace" or "trailing")
         overrides the model's scheduler config: single files carry none, and few-step models (Turbo,
         Lightning) need "trailing", which AUTOMATIC1111 calls the SGM Uniform schedule.
+
+        `plan` (from `make_plan`) is followed as given; by default the pipeline makes one for the request.
+        `unet_inputs` is called with every UNet call's inputs (int8 calibration records them).
 
         AUTOMATIC1111's `<lora:name:weight>` in a prompt applies the LoRA `name` of the pipeline's LoRA
         folder for this call, on top of `set_loras`' set; the tag is taken out of the prompt text."""
@@ -433,7 +459,9 @@ class Pipeline:
 
         # 2. The memory plan for this request, before anything is loaded; a leaner plan than the last
         # frees what it does not keep first.
-        plan = self.plan = self.make_plan(Request(width, height, batch, cfg, img2img=init_image is not None))
+        request = Request(width, height, batch, cfg, img2img=init_image is not None)
+        plan = self.make_plan(request) if plan is None else self._given_plan(plan, request)
+        self.plan = plan  # the last plan made, for describe(); the stages below read `plan` alone
         for name in [n for n in self._sessions if n not in plan.resident]:
             del self._sessions[name]
         gc.collect()
@@ -443,7 +471,7 @@ class Pipeline:
         # encoder_hidden_states (2B or B, 77, D), and for SDXL text_embeds (2B or B, P), time_ids (2B or B, 6).
         with _timed(timings, "text_encoder"):
             conditioning = self._encode_text((prompts, prompts_2), (negatives, negatives_2) if cfg else None,
-                                             zero_negative, num_images_per_prompt)
+                                             zero_negative, num_images_per_prompt, plan)
             if family.micro_conditioning:
                 conditioning["time_ids"] = _time_id_rows(
                     (height, width), batch, cfg, original_size, crops_coords_top_left, target_size,
@@ -462,9 +490,9 @@ class Pipeline:
                     mask_latents = np.repeat(pixel_mask[:, :, ::f, ::f], batch, axis=0)  # (B, 1, h, w)
                     masked_pixels = pixels * (pixel_mask < 0.5)
                 if mask is None or model.unet_in_channels == 4 or strength < 1.0:
-                    image_latents = self._encode_image(pixels, seeds, rnd.POSTERIOR)  # (B, 4, h, w)
+                    image_latents = self._encode_image(pixels, seeds, rnd.POSTERIOR, plan)  # (B, 4, h, w)
                 if mask is not None and model.is_inpainting:
-                    masked_latents = self._encode_image(masked_pixels, seeds, rnd.MASKED_POSTERIOR)  # (B, 4, h, w)
+                    masked_latents = self._encode_image(masked_pixels, seeds, rnd.MASKED_POSTERIOR, plan)  # (B, 4, h, w)
         if image_latents is None or (mask is not None and strength >= 1.0):
             x = noise * np.float32(schedule.init_noise_sigma)
         else:
@@ -478,7 +506,7 @@ class Pipeline:
         state = None
         steps = range(start, len(schedule))
         bar = _progress(len(steps), progress)
-        with self._using(family.unet) as unet, closing(bar):  # the bar ends its line even when a step raises
+        with self._using(family.unet, plan) as unet, closing(bar):  # the bar ends its line even when a step raises
             if plan.cfg_batched:  # the same conditioning every step: on a GPU, sent to it once (IO binding)
                 for name, value in conditioning.items():
                     unet.keep(name, value)
@@ -492,10 +520,16 @@ class Pipeline:
                 t = np.full((model_input.shape[0],), schedule.timesteps[i], dtype=np.float32)
                 with _timed(timings, "unet"):
                     if plan.cfg_batched:
+                        if unet_inputs is not None:
+                            unet_inputs({**conditioning, "sample": model_input, "timestep": t})
                         out = unet.run(sample=model_input, timestep=t)["out_sample"]
                     else:  # the plan halves the UNet's activations: uncond, then cond
-                        out = np.concatenate([unet.run(sample=half, timestep=t[:batch], **c)["out_sample"]
-                                              for half, c in zip(np.split(model_input, 2), halves)])
+                        out = []
+                        for half, c in zip(np.split(model_input, 2), halves):
+                            if unet_inputs is not None:
+                                unet_inputs({**c, "sample": half, "timestep": t[:batch]})
+                            out.append(unet.run(sample=half, timestep=t[:batch], **c)["out_sample"])
+                        out = np.concatenate(out)
                 if cfg:
                     uncond, cond = np.split(out, 2)
                     with np.errstate(over="ignore", invalid="ignore"):  # inf is caught after the loop
@@ -524,7 +558,7 @@ class Pipeline:
         reruns: list[str] = []
         decoder = (VAE_DECODER_HEAD, VAE_DECODER_TAIL) if plan.vae_margin else (VAE_DECODER,)
         with _timed(timings, "vae_decoder"), ExitStack() as stack:
-            sessions = [stack.enter_context(self._using(spec)) for spec in decoder]
+            sessions = [stack.enter_context(self._using(spec, plan)) for spec in decoder]
             decoded = [self._decode(decoder, sessions, x[k:k + 1] / np.float32(model.scaling_factor), plan, reruns)
                        for k in range(batch)]  # each (1, 3, H, W)
         images = to_pil(np.concatenate(decoded))
@@ -533,7 +567,7 @@ class Pipeline:
         flagged = [False] * batch
         if self.safety_checker:
             with _timed(timings, "safety_checker"):
-                images, flagged = self._check_safety(images)
+                images, flagged = self._check_safety(images, plan)
 
         # 8. What made each image, for the PNG metadata.
         sampler = sched.a1111_name
@@ -566,7 +600,7 @@ class Pipeline:
         log.warning("the fp16 VAE decoder overflowed (inf/NaN); decoding again with its fp32 graph")
         if "vae_decoder" not in reruns:
             reruns.append("vae_decoder")
-        return self._run_decoder([self.backend.open(p, spec, self.device) for p, spec in zip(fp32, specs)], z, plan)
+        return self._run_decoder([self._open(spec, plan, FP32_FALLBACK) for spec in specs], z, plan)
 
     def _run_decoder(self, sessions, z: np.ndarray, plan: Plan) -> np.ndarray:
         f = self.model.vae_scale_factor
@@ -586,12 +620,12 @@ class Pipeline:
             return vae.run(latent_sample=z)["sample"]
         return tiled(lambda t: vae.run(latent_sample=t)["sample"], z, plan.vae_tile // f, plan.vae_overlap // f, f)
 
-    def _check_safety(self, images: list[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
+    def _check_safety(self, images: list[Image.Image], plan: Plan) -> tuple[list[Image.Image], list[bool]]:
         from .safety import ClipPreprocess
 
         clip = ClipPreprocess.from_folder(self.model.path / "feature_extractor")(images)  # (B, 3, 224, 224)
         pixels = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])  # (B, H, W, 3)
-        with self._using(SAFETY_CHECKER) as checker:
+        with self._using(SAFETY_CHECKER, plan) as checker:
             out = checker.run(clip_input=clip, images=pixels)
         flagged = [bool(f) for f in np.asarray(out["has_nsfw_concepts"]).reshape(-1)]
         for k, f in enumerate(flagged):
@@ -601,7 +635,7 @@ class Pipeline:
         return [Image.new("RGB", im.size) if f else im for im, f in zip(images, flagged)], flagged
 
     def _encode_text(self, prompts: tuple[list[str], ...], negatives: tuple[list[str], ...] | None,
-                     zero_negative: bool, per_prompt: int) -> dict[str, np.ndarray]:
+                     zero_negative: bool, per_prompt: int, plan: Plan) -> dict[str, np.ndarray]:
         """The UNet's text conditioning, as the family's record says (engine/families.py): each text
         encoder's context output, concatenated; the pooled output of the one that has it. `prompts` and
         `negatives` give each encoder's texts (SDXL's second encoder reads prompt_2); a zero negative is
@@ -615,7 +649,7 @@ class Pipeline:
                 if dropped:
                     log.warning("prompt truncated: CLIP reads %d tokens, the last %d of %r were dropped",
                                 tokenizer.max_length - 2, dropped, text[:60])
-            with self._using(use.spec) as encoder:
+            with self._using(use.spec, plan) as encoder:
                 out = encoder.run(input_ids=encoded.ids)
             contexts.append(out[use.context].astype(np.float32, copy=False))
             if use.pooled:
@@ -628,11 +662,10 @@ class Pipeline:
         # Each prompt's conditioning repeated for its images, consecutively (diffusers' order).
         return {k: np.repeat(v, per_prompt, axis=0) for k, v in cond.items()}
 
-    def _encode_image(self, pixels: np.ndarray, seeds: list[int], purpose: int) -> np.ndarray:
+    def _encode_image(self, pixels: np.ndarray, seeds: list[int], purpose: int, plan: Plan) -> np.ndarray:
         """Posterior sample of the VAE encoder, scaled, one per image: mean + std * noise(seed)."""
-        plan = self.plan
-        with self._using(VAE_ENCODER) as encoder:
-            if plan is not None and plan.vae_tile:
+        with self._using(VAE_ENCODER, plan) as encoder:
+            if plan.vae_tile:
                 f = self.model.vae_scale_factor
                 name = encoder.output_names[0] if hasattr(encoder, "output_names") else "latent_parameters"
                 outputs = {name: tiled(lambda t: next(iter(encoder.run(sample=t).values())), pixels,

@@ -140,12 +140,28 @@ class Plan:
     needs_export: dict | None = None
     on_host: tuple[str, ...] = ()  # components run by the CPU backend while the rest use the device
     vae_margin: int = 0  # pixels around the split decoder's tiles (shared statistics); 0 when not used
+    # each component's predicted need (weights, activations, session), bytes: its share of the allocators
+    needs: tuple[tuple[str, int], ...] = ()
 
     @property
     def session_memory_limit(self) -> int:
-        """What a device session's allocator may take (CUDA's gpu_mem_limit): the budget less the
-        backend's fixed overhead (context, cuDNN/cuBLAS handles), which lives outside the allocator."""
+        """What the device sessions' allocators may take together (CUDA's gpu_mem_limit): the budget
+        less the backend's fixed overhead (context, cuDNN/cuBLAS handles), outside the allocators."""
         return max(self.budget - BACKEND_COSTS.get(self.backend, BACKEND_COSTS["cpu"]).fixed, 0)
+
+    def session_limit(self, name: str) -> int | None:
+        """The allocator cap of one component's session. Each session has an arena of its own, so a
+        resident plan that gave every one the whole budget would bound none of them: the total is shared
+        in proportion to the predicted needs of the sessions alive together (the resident ones, and this
+        one), so they never add up to more than the budget. None for a component the plan does not size."""
+        needs = dict(self.needs)
+        if name not in needs:
+            return None
+        alive = set(self.resident) | {name}
+        if self.vae_margin and alive & {"vae_decoder", *SPLIT_DECODER}:  # the split decoder's two sessions
+            alive |= set(SPLIT_DECODER)
+        together = sum(needs[n] for n in alive if n in needs)
+        return int(self.session_memory_limit * needs[name] / max(together, 1))
 
     @property
     def predicted_peak(self) -> int:
@@ -217,13 +233,13 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
           streamed: bool | str, tiled: bool, sliced: bool, split: bool = True) -> Plan:
     cost = BACKEND_COSTS.get(device.backend, BACKEND_COSTS["cpu"])
     manifest = model.export_manifest
-    attention, slices, needs = manifest.get("attention", "standard"), manifest.get("slices"), None
+    attention, slices, needs_export = manifest.get("attention", "standard"), manifest.get("slices"), None
     if sliced and attention not in ("sliced", "fused"):  # fused attention holds no score matrix either
         # Slicing the queries in k parts divides the score matrices, the quadratic term, by k at the top
         # level (deeper levels have 4x fewer queries per level and fewer slices: export/attention.py).
         unet = parts["unet"]
         parts = {**parts, "unet": ComponentFacts(unet.weights, (unet.fit[0], unet.fit[1], unet.fit[2] / SLICES))}
-        attention, slices, needs = "sliced", SLICES, {"attention": "sliced", "slices": SLICES}
+        attention, slices, needs_export = "sliced", SLICES, {"attention": "sliced", "slices": SLICES}
     f = model.vae_scale_factor
     h, w = request.height // f, request.width // f
     rows = request.batch * (2 if request.cfg else 1)
@@ -257,7 +273,7 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
     host_ok = [c.name for c in family.components if c.host_ok]
     on_host = tuple(n for n in order if n in host_ok) if streamed is True and not device.unified_memory else ()
     adapters = request.held if device.unified_memory else 0
-    stages = []
+    stages, needs = [], {}
     for name in order:
         held = [n for n in resident if n != name] + [name]
         if name in on_host:  # its memory is the host's, not the device's: nothing of the budget
@@ -266,6 +282,9 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         held = [part for n in held for part in (decoder if n == "vae_decoder" else (n,))]
         weights = sum(parts[n].weights for n in held if n in parts)
         act, detail = runs[name]
+        for part in (decoder if name == "vae_decoder" else (name,)):
+            if part in parts:
+                needs[part] = int(cost.weights * parts[part].weights) + int(cost.activations * act) + cost.session
         peak = cost.fixed + int(cost.weights * weights) + int(cost.activations * act) + cost.session * len(held) \
             + adapters
         extra = f" + LoRA/embedding weights {_gb(adapters)}" if adapters else ""
@@ -280,7 +299,7 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         vae_margin=margin,
         resident=resident, streamed=loaded_in_turn,
         dtype=manifest.get("dtype", "fp32"), attention=attention, slices=slices, stages=tuple(stages),
-        needs_export=needs, on_host=on_host)
+        needs_export=needs_export, on_host=on_host, needs=tuple(needs.items()))
 
 
 def _stage(stages, name: str) -> int:

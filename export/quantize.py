@@ -22,8 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.components import UNET
-
 log = logging.getLogger("edgediff")
 
 CALIBRATION_PROMPTS = (
@@ -36,21 +34,6 @@ CALIBRATION_STEPS = 6
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 
 
-class _Recording:
-    """A UNet session that records every call's inputs, kept ones included."""
-
-    def __init__(self, session):
-        self.session, self.kept, self.calls = session, {}, []
-
-    def keep(self, name, array):
-        self.kept[name] = array
-        self.session.keep(name, array)
-
-    def run(self, **inputs):
-        self.calls.append({name: np.array(value) for name, value in {**self.kept, **inputs}.items()})
-        return self.session.run(**inputs)
-
-
 HELD_OUT_PROMPT, HELD_OUT_STEPS = "a bowl of fruit on a wooden table", 2
 
 
@@ -61,14 +44,15 @@ def calibration_inputs(folder: Path, size: int, prompts=CALIBRATION_PROMPTS,
     from ..engine.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(folder, backend="cpu", safety_checker=False)
-    recording = _Recording(pipe._session(UNET))
-    pipe._sessions[UNET.name] = recording
+    calls: list[dict] = []
+    record = lambda inputs: calls.append({k: np.array(v) for k, v in inputs.items()})  # noqa: E731 (copies)
     for k, prompt in enumerate(prompts):
-        pipe(prompt, width=size, height=size, num_inference_steps=steps, seed=k, scheduler="euler")
-    calls = recording.calls
-    recording.calls = []
-    pipe(HELD_OUT_PROMPT, width=size, height=size, num_inference_steps=HELD_OUT_STEPS, seed=0, scheduler="euler")
-    return calls, recording.calls[-1]
+        pipe(prompt, width=size, height=size, num_inference_steps=steps, seed=k, scheduler="euler",
+             unet_inputs=record)
+    held_out: list[dict] = []
+    pipe(HELD_OUT_PROMPT, width=size, height=size, num_inference_steps=HELD_OUT_STEPS, seed=0, scheduler="euler",
+         unet_inputs=lambda inputs: held_out.append({k: np.array(v) for k, v in inputs.items()}))
+    return calls, held_out[-1]
 
 
 def quantize_unet(fp32: Path, out: Path, calls: list[dict]) -> None:

@@ -146,11 +146,10 @@ def test_a_streamed_plan_frees_the_unet_before_the_vae_runs(tiny, monkeypatch):
 
     p = Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu")
     plan = replace(p.make_plan(Request(64, 64)), resident=(), streamed=("text_encoder", "unet", "vae_decoder"))
-    monkeypatch.setattr(p, "make_plan", lambda request: plan)
     opened, open_session = {}, p._session
 
-    def spy(spec):
-        session = open_session(spec)
+    def spy(spec, plan=None):
+        session = open_session(spec, plan)
         opened[spec.name] = weakref.ref(session)
         return session
 
@@ -163,5 +162,95 @@ def test_a_streamed_plan_frees_the_unet_before_the_vae_runs(tiny, monkeypatch):
 
     monkeypatch.setattr(p, "_session", spy)
     monkeypatch.setattr(p, "_decode", check)
-    p("a red circle", num_inference_steps=2, seed=1)
+    p("a red circle", num_inference_steps=2, seed=1, plan=plan)
     assert unet_alive == [False]
+
+
+def test_a_kept_input_stays_alive_when_the_session_had_to_copy_it(tiny, monkeypatch):
+    """`keep` binds the array it feeds: a copy when the graph's dtype differs or the array is not
+    contiguous. ONNX Runtime's binding points at that memory without owning it (an OrtValue made from
+    numpy holds no reference to the array), so the session must keep the copy alive for as long as it is
+    bound; the runs after still see the kept values. onnxruntime 1.32's Python wrapper happens to keep
+    the bound OrtValue too; the releases pyproject admits before it bound the bare value, as simulated."""
+    import gc
+    import weakref
+
+    import onnxruntime as ort
+
+    from edgediff.backends.base import OrtSession
+
+    def bind_as_before(self, name, ortvalue):  # onnxruntime < 1.2x: nothing on the Python side keeps it
+        self._iobinding.bind_ortvalue_input(name, ortvalue._ortvalue)
+
+    monkeypatch.setattr(ort.IOBinding, "bind_ortvalue_input", bind_as_before)
+    from edgediff.engine.plan import Request
+
+    pipe = Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu")
+    unet = pipe._session(pipe.model.family.unet, pipe.make_plan(Request(64, 64)))
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((2, 77, 32, 2))[..., 0]  # float64 and strided: _feed copies it
+    sample = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t = np.array([500.0, 500.0], np.float32)
+    want = unet.run(sample=sample, timestep=t, encoder_hidden_states=hidden)["out_sample"]
+    fed, feed = [], OrtSession._feed
+
+    def spy(self, name, array):
+        value = feed(self, name, array)
+        if name == "encoder_hidden_states":
+            fed.append(weakref.ref(value))
+        return value
+
+    monkeypatch.setattr(OrtSession, "_feed", spy)
+    unet.keep("encoder_hidden_states", hidden)
+    gc.collect()
+    assert fed and fed[-1]() is not None, "the bound copy was freed while ONNX Runtime still points at it"
+    assert np.array_equal(unet.run(sample=sample, timestep=t)["out_sample"], want)
+
+
+def test_the_plan_is_a_value_passed_in(tiny):
+    """pipe(..., plan=) follows the plan given (here: everything streamed, cond and uncond one after the
+    other), the stages read it rather than the pipeline's last plan, and its picture is the default
+    plan's; a plan made for another request is refused in one line."""
+    from dataclasses import replace
+
+    from edgediff.engine.errors import EdgediffError
+    from edgediff.engine.plan import Request
+
+    pipe = Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu")
+    args = dict(prompt="a red circle", num_inference_steps=3, seed=4, width=64, height=64, scheduler="euler")
+    default = pipe(**args)
+    lean = replace(default.plan, rung="streamed", cfg_batched=False, resident=(),
+                   streamed=("text_encoder", "unet", "vae_decoder"))
+    calls = []
+    result = pipe(**args, plan=lean, unet_inputs=lambda inputs: calls.append(inputs["sample"].shape[0]))
+    assert result.plan is lean and pipe.plan is lean
+    assert calls == [1] * 6  # 3 steps, uncond then cond: the plan was followed
+    assert "unet" not in pipe._sessions  # streamed: freed when its stage ended
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(default.images[0]))
+    with pytest.raises(EdgediffError, match=r"the plan was made for 64x64 x1 .* this call is 128x128 x1"):
+        pipe(**{**args, "width": 128, "height": 128}, plan=lean)
+    other = pipe.make_plan(Request(64, 64, cfg=False))
+    with pytest.raises(EdgediffError, match="cfg False"):
+        pipe(**args, plan=other)
+
+
+def test_calibration_records_every_unet_call_of_a_streamed_plan(tiny, monkeypatch):
+    """int8 calibration records the UNet's inputs through the call's public hook, so a plan that
+    streams the UNet (its session re-opened for every call) records them too: before the hook it swapped
+    a recorder into the pipeline's sessions, which a streamed UNet dropped (IndexError)."""
+    from dataclasses import replace
+
+    from edgediff.export import quantize
+
+    planned = Pipeline.make_plan
+
+    def streamed(self, request):
+        plan = planned(self, request)
+        return replace(plan, resident=(), streamed=tuple(s.name for s in plan.stages))
+
+    monkeypatch.setattr(Pipeline, "make_plan", streamed)
+    calls, held_out = quantize.calibration_inputs(tiny("sd1")[1], 64, prompts=("a red circle", "a blue square"),
+                                                  steps=3)
+    assert len(calls) == 2 * 3  # two prompts, three steps, cond and uncond batched
+    assert set(calls[0]) == {"sample", "timestep", "encoder_hidden_states"}
+    assert calls[0]["sample"].shape == (2, 4, 8, 8) and held_out["sample"].shape == (2, 4, 8, 8)

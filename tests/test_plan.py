@@ -364,10 +364,8 @@ def test_pipeline_decodes_in_split_tiles_when_planned(builtin_onnx, monkeypatch)
     args = dict(prompt="a red circle", width=512, height=512, num_inference_steps=2, seed=5)
     whole = pipe(**args)
     assert not whole.plan.vae_tile
-    planned = pipe.make_plan
-    monkeypatch.setattr(pipe, "make_plan", lambda r: replace(planned(r), vae_tile=SPLIT_TILE, vae_margin=52,
-                                                             streamed=("vae_decoder",), resident=()))
-    split = pipe(**args)
+    plan = replace(whole.plan, vae_tile=SPLIT_TILE, vae_margin=52, streamed=("vae_decoder",), resident=())
+    split = pipe(**args, plan=plan)
     assert split.plan.vae_margin and "vae_decoder_tail" not in pipe._sessions  # streamed: freed after
     got, want = (np.asarray(r.images[0], np.float64) for r in (split, whole))
     assert 10 * np.log10(255 ** 2 / np.mean((got - want) ** 2)) >= 35.0
@@ -415,3 +413,35 @@ def test_cuda_allocator_limit_leaves_room_for_the_context(tiny, monkeypatch):
         assert sum(limits) <= budget - CUDA_CONTEXT_AT_LEAST
         caps[budget] = sum(limits)
     assert caps[1 * GiB] < caps[2 * GiB]
+
+
+def test_sessions_share_the_cuda_budget_instead_of_each_taking_it(tiny):
+    """Every session has its own CUDA arena: a resident plan that gave each one the whole budget as its
+    gpu_mem_limit would bound none. The limits the sessions are opened with, through the pipeline's one
+    opener, add up to at most the budget less the context, the UNet getting the largest share."""
+    from types import SimpleNamespace
+
+    from edgediff.backends import get_backend
+    from edgediff.backends.base import Device
+    from edgediff.engine.model_folder import read_model_folder
+    from edgediff.engine.tokenizer import ClipTokenizer
+
+    model = read_model_folder(tiny("sd1")[1])
+    card = Device("cuda", "NVIDIA GeForce RTX 3060", ("CUDAExecutionProvider", "CPUExecutionProvider"),
+                  total_memory=12 * GiB, free_memory=11 * GiB, fp16=True)
+    cpu = get_backend("cpu")
+    limits = {}
+
+    def open_on_card(path, spec, device, memory_limit=None, overrides=None):
+        limits[spec.name] = memory_limit
+        return cpu.open(path, spec, cpu.probe(), None, overrides)
+
+    backend = SimpleNamespace(name="cuda", open=open_on_card, probe=lambda: card)
+    tokenizer = ClipTokenizer.from_folder(model.path / "tokenizer")
+    pipe = Pipeline(model, backend, card, tokenizer, safety_checker=False, memory_budget="6GB")
+    result = pipe("a red circle", num_inference_steps=2, seed=1, width=64, height=64)
+    plan = result.plan
+    assert plan.rung == "resident" and set(limits) == {"text_encoder", "unet", "vae_decoder"}
+    assert sum(limits.values()) <= plan.session_memory_limit < 6 * GiB
+    assert all(v > 0 for v in limits.values())
+    assert limits["unet"] == max(limits.values())

@@ -398,13 +398,11 @@ def test_sdxl_decodes_in_tiles_when_planned(tiny, monkeypatch):
     whole = pipe(**args)
     assert not whole.plan.vae_tile
     margin = pipe.model.export_manifest["components"]["vae_decoder_tail"]["extra"]["margin"]
-    planned, opened, session = pipe.make_plan, [], pipe._session
-    monkeypatch.setattr(pipe, "_session", lambda spec: opened.append(spec.name) or session(spec))
+    opened, session = [], pipe._session
+    monkeypatch.setattr(pipe, "_session", lambda spec, plan=None: opened.append(spec.name) or session(spec, plan))
     ran = []
     for tile, px in ((256, 0), (192, margin * pipe.model.vae_scale_factor // HIDDEN_SCALE)):
-        monkeypatch.setattr(pipe, "make_plan", lambda r: replace(planned(r), vae_tile=tile, vae_margin=px,
-                                                                 vae_overlap=64))
-        ran.append(pipe(**args))
+        ran.append(pipe(**args, plan=replace(whole.plan, vae_tile=tile, vae_margin=px, vae_overlap=64)))
     blended, split = ran
     assert psnr(blended.images[0], whole.images[0]) >= 35, f"{psnr(blended.images[0], whole.images[0]):.1f} dB"
     assert split.plan.vae_margin and split.images[0].size == (512, 384)
