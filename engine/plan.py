@@ -260,7 +260,9 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         + (["safety_checker"] if "safety_checker" in parts else [])
     runs = {  # stage -> (activation bytes, detail)
         **{name: (parts[name].activations(rows, 1, 1), f"{rows} prompts") for name in texts},
-        "vae_encoder": (parts.get("vae_encoder", _NONE).activations(1, h, w), f"1 image {request.width}x{request.height}"),
+        # the pipeline encodes in the plan's tiles when it decodes in tiles (engine/pipeline._encode_image)
+        "vae_encoder": (parts.get("vae_encoder", _NONE).activations(1, th, tw),
+                        f"{tile}px tiles" if tile else f"1 image {request.width}x{request.height}"),
         "unet": (parts["unet"].activations(unet_batch, h, w), f"batch {unet_batch} at {h}x{w} latents"),
         "vae_decoder": (decode, decode_detail),
         "safety_checker": (parts.get("safety_checker", _NONE).activations(1, 1, 1), "224px CLIP input"),

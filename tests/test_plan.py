@@ -445,3 +445,40 @@ def test_sessions_share_the_cuda_budget_instead_of_each_taking_it(tiny):
     assert sum(limits.values()) <= plan.session_memory_limit < 6 * GiB
     assert all(v > 0 for v in limits.values())
     assert limits["unet"] == max(limits.values())
+
+
+def test_the_plan_sizes_the_vae_encoder_in_the_tiles_the_pipeline_encodes_in(tiny):
+    """A tiled plan encodes an init image in its tiles, as it decodes: the pipeline runs the encoder on
+    tiles of the plan's size, and the plan predicts the encoder's stage for one tile, the same as for a
+    whole image of that size (before, it predicted the whole 512x512 encode it never ran)."""
+    from edgediff.backends import get_backend
+    from edgediff.engine.model_folder import read_model_folder
+    from edgediff.engine.plan import TILE, component_facts
+
+    model = read_model_folder(tiny("sd1")[1])
+    facts, device = component_facts(model), get_backend("cpu").probe()
+    rung = next(r for r in RUNGS if r[0] == "streamed-tiled")
+    tiled = _plan(model, facts, Request(512, 512, img2img=True), device, 64 * GiB, *rung)
+    one_tile = _plan(model, facts, Request(TILE, TILE, img2img=True), device, 64 * GiB, *rung)
+    stage = {s.name: s for s in tiled.stages}["vae_encoder"]
+    assert tiled.vae_tile == TILE and not one_tile.vae_tile
+    assert stage.peak == {s.name: s for s in one_tile.stages}["vae_encoder"].peak
+    whole = _plan(model, facts, Request(512, 512, img2img=True), device, 64 * GiB, "streamed", True, True, False, False)
+    assert stage.peak < {s.name: s for s in whole.stages}["vae_encoder"].peak
+
+    pipe = Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu", safety_checker=False)
+    sizes, session = [], pipe._session
+
+    def spy(spec, plan=None):
+        s = session(spec, plan)
+        if spec.name == "vae_encoder":
+            run = s.run
+            s.run = lambda **inputs: sizes.append(inputs["sample"].shape[-2:]) or run(**inputs)
+        return s
+
+    pipe._session = spy
+    from PIL import Image
+
+    pipe("a red circle", image=Image.new("RGB", (512, 512), (200, 30, 30)), strength=0.5, num_inference_steps=2,
+         seed=1, plan=tiled)
+    assert sizes and max(max(hw) for hw in sizes) <= TILE
