@@ -847,20 +847,10 @@ def _timed(timings: dict[str, float], stage: str):
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, show: bool):
-    if not show:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="denoising", unit="step", leave=False)
+    return tqdm(total=total, desc="denoising", unit="step", leave=False, disable=not show)
 
 
 def _reset_peak_memory() -> None:
