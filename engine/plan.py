@@ -366,15 +366,26 @@ class ComponentFacts:
 
 _NONE = ComponentFacts(0, (0.0, 0.0, 0.0))
 
-# Activation profiles of SD 1.5's components at fp32 (export/memory_profile.py on bench/sd15.py's
-# export), for folders that carry no profile of their own (optimum's): scaled by the weights' size.
-FALLBACK_FITS = {
-    "text_encoder": (0.0, 3.0e6, 0.0),
-    "unet": (0.0, 2.0e5, 110.0),
-    "vae_encoder": (0.0, 1.6e6, 2.0),
-    "vae_decoder": (0.0, 1.6e6, 2.0),
-    "safety_checker": (0.0, 5.0e7, 0.0),
+# Activation profiles of SD 1.5's components at fp32, for folders that carry no profile of their own
+# (optimum's), and the graph bytes they were measured with: export/memory_profile.py on the full-size SD
+# 1.5 architecture (bench/sd15.py) exported with standard attention, optimum's kind (`export_onnx(...,
+# ExportOptions(attention="standard"))`, measured 2026-12-02). The safety checker's was not measured.
+FALLBACK_FITS = {  # component -> (fit, graph bytes)
+    "text_encoder": ((0.0, 3.547e6, 0.0), 495_092_979),
+    "unet": ((0.0, 1.533e4, 83.07), 3_439_228_113),
+    "vae_encoder": ((0.0, 1.312e5, 0.0), 136_717_885),
+    "vae_decoder": ((0.0, 2.621e5, 0.02153), 198_014_423),
+    "safety_checker": ((0.0, 5.0e7, 0.0), 0),
 }
+
+
+def fallback_fit(name: str, weights: int) -> tuple[float, float, float]:
+    """SD 1.5's profile for a component of `weights` bytes. A network's weights grow with the square of
+    its widths and its activations with the widths, so the profile is scaled by the square root of the
+    weights' ratio (SD 2.x's components are SD 1.5's size: unchanged)."""
+    fit, reference = FALLBACK_FITS.get(name, ((0.0, 0.0, 0.0), 0))
+    scale = (weights / reference) ** 0.5 if reference and weights else 1.0
+    return (fit[0] * scale, fit[1] * scale, fit[2] * scale)
 
 
 def component_facts(model) -> dict[str, ComponentFacts]:
@@ -387,6 +398,6 @@ def component_facts(model) -> dict[str, ComponentFacts]:
             continue
         weights = sum(p.stat().st_size for p in files)
         fit = manifest.get(folder.name, {}).get("activations", {}).get("fit")
-        facts[folder.name] = ComponentFacts(weights, tuple(fit) if fit else FALLBACK_FITS.get(folder.name, (0, 0, 0)),
+        facts[folder.name] = ComponentFacts(weights, tuple(fit) if fit else fallback_fit(folder.name, weights),
                                             manifest.get(folder.name, {}).get("extra", {}))
     return facts

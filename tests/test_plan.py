@@ -482,3 +482,29 @@ def test_the_plan_sizes_the_vae_encoder_in_the_tiles_the_pipeline_encodes_in(tin
     pipe("a red circle", image=Image.new("RGB", (512, 512), (200, 30, 30)), strength=0.5, num_inference_steps=2,
          seed=1, plan=tiled)
     assert sizes and max(max(hw) for hw in sizes) <= TILE
+
+
+def test_folders_without_a_profile_get_sd15s_scaled_to_their_size(tiny, tmp_path):
+    """optimum's folders carry no activation profile: the planner falls back to SD 1.5's, measured on
+    its full-size export and scaled to the component's weights (activations grow with the square root
+    of the weights: widths against widths squared). On the tiny model, whose own profile is known, the
+    fallback lands within 3x of it for the text encoder and the VAE (the old, unscaled figures were
+    13-98x too large); the UNet is left out, its export having fused attention and the fallback
+    optimum's standard one."""
+    import json
+    import shutil
+
+    from edgediff.engine.model_folder import read_model_folder
+    from edgediff.engine.plan import component_facts
+
+    folder = tmp_path / "no-profile"
+    shutil.copytree(tiny("sd1")[1], folder)
+    measured = component_facts(read_model_folder(folder))
+    manifest = json.loads((folder / "edgediff.json").read_text())
+    for c in manifest["components"].values():
+        c["activations"] = {}
+    (folder / "edgediff.json").write_text(json.dumps(manifest))
+    fallback = component_facts(read_model_folder(folder))
+    for name in ("text_encoder", "vae_encoder", "vae_decoder"):
+        want, got = measured[name].activations(1, 8, 8), fallback[name].activations(1, 8, 8)
+        assert want / 3 <= got <= want * 3, f"{name}: {got} against {want} measured"
