@@ -2,7 +2,7 @@
 
 - `probe()` says what device the backend would use, as measured facts (`Device`), or why it cannot run, in
   words a user can act on (`Unavailable`). It never raises and never imports torch. Every probe takes its
-  inputs (provider lists, NVML, amdsmi, sysctl, /proc/meminfo) as constructor arguments, so that tests
+  inputs (provider lists, NVML, amdsmi, sysctl, the host's memory) as constructor arguments, so that tests
   describe a 4 GB NVIDIA card or an 8 GB M1 on a machine that has neither.
 - `open(path, spec, device, memory_limit=None)` returns a `Session` that runs one exported component;
   `memory_limit` (bytes) caps what the backend's allocator may take where the runtime has such a cap.

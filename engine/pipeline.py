@@ -129,10 +129,10 @@ class Pipeline:
         `loras`: [(file or name in `lora_dir`, weight), ...] applied at load time (see `set_loras`);
         `embeddings`: textual-inversion files, each triggered by its file's name in a prompt, and every
         .safetensors file in `embedding_dir`. `lora_dir` is where a prompt's <lora:name:weight> looks."""
-        from ..backends import select
+        from ..backends import REGISTRY, select
 
         if not isinstance(backend, str):
-            raise EdgediffTypeError(f"backend must be a backend's name (auto, cpu, cuda, rocm, coreml), not "
+            raise EdgediffTypeError(f"backend must be a backend's name (auto, {', '.join(REGISTRY)}), not "
                                     f"{type(backend).__name__}")
         if not isinstance(path, (str, os.PathLike)):
             raise EdgediffTypeError(f"from_pretrained needs a model: an exported folder, a diffusers folder, a "
