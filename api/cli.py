@@ -87,8 +87,12 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .backends import REGISTRY
+    from .backends.coreml.session import COMPUTE_UNITS
     from .engine.schedulers import SCHEDULERS
     from .engine.schedulers.base import TIMESTEP_SPACINGS
+
+    backends = f"auto (the first of {', '.join(REGISTRY)} that runs here) or one of them"
 
     p = _OneLineParser(prog="edgediff", description="Stable Diffusion on the hardware you have.")
     p.add_argument("-v", "--verbose", action="store_true", help="say more about what happens")
@@ -97,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build the built-in model, export it, generate and time an image")
     demo.add_argument("--out", default="edgediff-demo", help="folder for the pictures (default: %(default)s)")
-    demo.add_argument("--backend", default="auto", help="auto, cpu, cuda, rocm or coreml")
+    demo.add_argument("--backend", default="auto", help=backends)
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--seed", type=int, default=42)
     demo.set_defaults(run=_demo)
@@ -122,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--width", type=int, default=512, help="Core ML: the fixed image width")
     export.add_argument("--height", type=int, default=512, help="Core ML: the fixed image height")
     export.add_argument("--batch", type=int, default=1, help="Core ML: the fixed number of images per call")
-    export.add_argument("--compute-units", default="ALL", choices=("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"),
+    export.add_argument("--compute-units", default="ALL", choices=tuple(COMPUTE_UNITS),
                         help="Core ML: the compute units the packages are made for (default: %(default)s)")
     export.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                         help="bake a LoRA (.safetensors) into the exported weights, at WEIGHT (default 1); "
@@ -156,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--init-image", default=None, help="img2img: the starting picture")
     gen.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change it (0-1)")
     gen.add_argument("--mask", default=None, help="inpainting: white where to paint, black to keep")
-    gen.add_argument("--backend", default="auto", help="auto, cpu, cuda, rocm or coreml")
+    gen.add_argument("--backend", default="auto", help=backends)
     gen.add_argument("--budget", default=None,
                      help="memory budget, e.g. 4GB (default: 7GB, capped by what the device has free)")
     gen.add_argument("--no-safety-checker", action="store_true",
@@ -182,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--guidance", type=float, default=7.5, help="1 or less: no unconditional pass")
     plan.add_argument("--img2img", action="store_true", help="plan for an init image (the VAE encoder runs)")
     plan.add_argument("--budget", default=None, help="e.g. 4GB (default: 7GB, capped by free memory)")
-    plan.add_argument("--backend", default="auto", help="auto, cpu, cuda, rocm or coreml")
+    plan.add_argument("--backend", default="auto", help=backends)
     plan.set_defaults(run=_plan)
 
     devices = sub.add_parser("devices", help="list the backends and what each would run on")

@@ -1,16 +1,18 @@
-"""Facts about the host machine that more than one backend reads: memory, cores, macOS's counters.
+"""Facts about the host machine that more than one backend reads: memory, cores, the OS.
 
-Every function takes the text it parses (or a command runner) as an argument, so tests feed it an M1's
-`vm_stat` or an 8 GB PC's /proc/meminfo. Nothing here raises: what cannot be read is None.
+Memory comes from psutil, which reads each platform's own counters; the backends take it as an injected
+function, so tests describe an 8 GB M1 or PC on any machine. Nothing here raises: what cannot be read is
+None.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
+
+import psutil
 
 
 def run_command(args: list[str]) -> str | None:
@@ -44,69 +46,21 @@ def os_version(system: str | None = None) -> str:
     return f"{system} {platform.release()}".strip()
 
 
-def parse_meminfo(text: str | None) -> tuple[int | None, int | None]:
-    """Total and available bytes from Linux's /proc/meminfo. MemAvailable is the kernel's own estimate of
-    what can be allocated without swapping (free + reclaimable page cache), not MemFree."""
-    if not text:
+def memory() -> tuple[int | None, int | None]:
+    """Total and available bytes of the host's memory, from psutil: on Linux MemAvailable, the kernel's own
+    estimate of what can be allocated without swapping (free + reclaimable page cache), not MemFree; on
+    macOS free + inactive pages, Activity Monitor's "available"; on Windows GlobalMemoryStatusEx."""
+    try:
+        found = psutil.virtual_memory()
+    except (OSError, RuntimeError, NotImplementedError):  # a platform or a sandbox psutil cannot read
         return None, None
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if value.split() and value.split()[0].isdigit():
-            fields[key.strip()] = int(value.split()[0]) * 1024  # kB
-    return fields.get("MemTotal"), fields.get("MemAvailable")
-
-
-def parse_vm_stat(text: str | None) -> int | None:
-    """Bytes macOS can hand out without swapping, from `vm_stat`: free + inactive + speculative pages, the
-    "available" of Activity Monitor. The page size is in the header (16 KiB on Apple Silicon)."""
-    if not text:
-        return None
-    size = re.search(r"page size of (\d+) bytes", text)
-    pages = dict(re.findall(r'^"?Pages ([a-z ]+)"?:\s+(\d+)\.', text, re.M))
-    if not size or not {"free", "inactive", "speculative"} <= set(pages):
-        return None
-    return int(size.group(1)) * sum(int(pages[k]) for k in ("free", "inactive", "speculative"))
-
-
-def mac_memory(run=run_command) -> tuple[int | None, int | None]:
-    """Total (sysctl hw.memsize) and available (vm_stat) memory of a Mac."""
-    total = run(["sysctl", "-n", "hw.memsize"])
-    total = int(total.strip()) if total and total.strip().isdigit() else None
-    return total, parse_vm_stat(run(["vm_stat"]))
-
-
-def windows_memory() -> tuple[int | None, int | None]:
-    """Total and available physical memory through kernel32's GlobalMemoryStatusEx (stdlib ctypes)."""
-    import ctypes
-
-    class MemoryStatus(ctypes.Structure):
-        _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
-                    ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
-                    ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
-                    ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
-                    ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
-
-    status = MemoryStatus()
-    status.dwLength = ctypes.sizeof(MemoryStatus)
-    try:
-        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):  # type: ignore[attr-defined]
-            return int(status.ullTotalPhys), int(status.ullAvailPhys)
-    except (AttributeError, OSError):
-        pass
-    return None, None
-
-
-def sysconf_total() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+    return int(found.total), int(found.available)
 
 
 def peak_rss(pid: int | str = "self") -> int | None:
     """A process's peak resident memory (VmHWM, bytes) on Linux, else None: since its start or the last
-    reset (writing 5 to /proc/PID/clear_refs)."""
+    reset (writing 5 to /proc/PID/clear_refs). Read by hand: psutil has no peak on Linux or macOS (only
+    Windows' peak_wset), and no reset of one anywhere, which is what a per-generation peak needs."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

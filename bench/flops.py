@@ -17,9 +17,9 @@ from math import prod
 from pathlib import Path
 
 from ..engine.errors import EdgediffError
+from ..engine.tokenizer import CLIP_CONTEXT
 
 COUNTED = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "MultiHeadAttention")
-TEXT_TOKENS = 77  # CLIP's context length: the UNet's encoder_hidden_states are (N, 77, D)
 
 
 def unet_flops(unet: Path, width: int, height: int, batch: int = 1, cfg: bool = True,
@@ -29,7 +29,7 @@ def unet_flops(unet: Path, width: int, height: int, batch: int = 1, cfg: bool = 
     n = 2 * batch if cfg else batch
     return graph_flops(unet, {"sample": {0: n, 2: height // vae_scale_factor, 3: width // vae_scale_factor},
                               "timestep": {0: n},
-                              "encoder_hidden_states": {0: n, 1: TEXT_TOKENS},
+                              "encoder_hidden_states": {0: n, 1: CLIP_CONTEXT},
                               # SDXL's added conditioning (absent from SD's graphs: ignored there)
                               "text_embeds": {0: n}, "time_ids": {0: n}})
 

@@ -98,13 +98,12 @@ def write_lora(path: Path, layers: dict[str, tuple[int, ...]], rank: int) -> Pat
 
 
 def _memory() -> dict[str, int]:
-    """This process's VmRSS and VmHWM, bytes."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
+    """This process's resident memory and its peak (Linux's VmRSS and VmHWM), bytes."""
+    import psutil
+
+    from ..backends.host import peak_rss
+
+    return {"VmRSS": psutil.Process().memory_info().rss, "VmHWM": peak_rss()}
 
 
 # -- the child processes --------------------------------------------------------------------------------
@@ -157,6 +156,7 @@ def _child_level(folder: Path, level: str, size: int) -> dict:
 
     from ..backends import host
     from ..backends.base import session_options
+    from ..engine.tokenizer import CLIP_CONTEXT
 
     options = session_options()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
@@ -169,7 +169,7 @@ def _child_level(folder: Path, level: str, size: int) -> dict:
     latent = size // 8
     feeds = {"sample": rng.standard_normal((2, 4, latent, latent), dtype=np.float32),
              "timestep": np.full((2,), 999.0, np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32)}
+             "encoder_hidden_states": rng.standard_normal((2, CLIP_CONTEXT, 768), dtype=np.float32)}
     calls = []
     for _ in range(2):  # the first call also reads the weights a lower level left mapped and untouched
         t = time.perf_counter()
@@ -200,7 +200,7 @@ def machine() -> dict:
 
     cpuinfo = host.read_text("/proc/cpuinfo") or ""
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    total, available = host.parse_meminfo(host.read_text("/proc/meminfo"))
+    total, available = host.memory()
     return {"cpu": cpu_name(cpuinfo), "vector_flags": [f for f in flags if VECTOR_FLAGS.match(f)],
             "cores": host.cores(), "ram_bytes": total, "ram_available_bytes": available,
             "load_average_1m": os.getloadavg()[0]}

@@ -39,9 +39,7 @@ def machine_facts() -> dict:
     from ..backends.base import Device
 
     cpuinfo = host.read_text("/proc/cpuinfo") or ""
-    total, available = host.parse_meminfo(host.read_text("/proc/meminfo"))
-    if total is None:
-        total = host.sysconf_total()
+    total, available = host.memory()
     gpus, unavailable = [], {}
     for found in probe_all():
         if isinstance(found, Device):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.metrics import psnr
+
 PARTS = ("vae_decoder", "vae_decoder_head", "vae_decoder_tail")
 
 
@@ -88,14 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         if run.returncode:
             sys.exit(run.output)
         results[how] = np.load(out)
-        vs = "" if how == "whole" else f"{_psnr(results[how], results['whole']):6.1f} dB vs whole"
+        # on the [-1, 1] image scale, as the pipeline clips it: a peak-to-peak of 2
+        score = psnr(np.clip(results[how], -1, 1), np.clip(results["whole"], -1, 1), peak=2.0)
+        vs = "" if how == "whole" else f"{score:6.1f} dB vs whole"
         print(f"  {how:8s} {run.seconds:6.1f} s  peak {run.peak_gib:5.2f} GB  {vs}")
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """On the [-1, 1] image scale, as the pipeline clips it."""
-    a, b = np.clip(a, -1, 1), np.clip(b, -1, 1)
-    return float(10 * np.log10(4 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
 if __name__ == "__main__":

@@ -28,10 +28,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.families import SD1, SDXL
+from ..engine.model_folder import scale_factor
+from ..engine.tokenizer import CLIP_CONTEXT
 from ..export.single_file import SD1_SCHEDULER, SD2_SCHEDULER, SDXL_SCHEDULER
 from .vocab import write_tokenizer
 
 KINDS = ("sd1", "sd2", "inpaint", "sdxl", "sdxl-inpaint")
+VAE_BLOCKS = (16, 16, 32, 32)  # 4 blocks: 3 downsamplings = 8x, as in SD
 
 # The scheduler configs exactly as the SD 1.5, SD 2.1 and SDXL base repositories ship them.
 SD1_SCHEDULER_CONFIG = SD1_SCHEDULER
@@ -70,7 +74,7 @@ def build_random_model(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
         torch.manual_seed(spec.seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=vocab_size, hidden_size=spec.text_width, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=spec.text_width,
+            num_attention_heads=4, max_position_embeddings=CLIP_CONTEXT, projection_dim=spec.text_width,
             hidden_act="gelu" if sd2 else "quick_gelu", layer_norm_eps=1e-5,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -88,9 +92,9 @@ def build_random_model(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
         )
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            block_out_channels=(16, 16, 32, 32),  # 4 blocks: 3 downsamplings = 8x, as in SD
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            sample_size=spec.sample_size * 8, scaling_factor=0.18215,
+            block_out_channels=VAE_BLOCKS, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=spec.sample_size * scale_factor(VAE_BLOCKS),
+            scaling_factor=SD1.scaling_factor,
         )
         common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                       set_alpha_to_one=False)
@@ -140,7 +144,7 @@ def _build_sdxl(out: Path, spec: TinySpec) -> Path:
             torch.manual_seed(spec.seed + i)
             config = CLIPTextConfig(
                 vocab_size=vocab_size, hidden_size=width, intermediate_size=37, num_hidden_layers=3,
-                num_attention_heads=4, max_position_embeddings=77, projection_dim=40, hidden_act=act,
+                num_attention_heads=4, max_position_embeddings=CLIP_CONTEXT, projection_dim=40, hidden_act=act,
                 layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
             tokenizers.append(tokenizer)
@@ -160,8 +164,9 @@ def _build_sdxl(out: Path, spec: TinySpec) -> Path:
         )
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=spec.sample_size * 8, scaling_factor=0.13025,
+            block_out_channels=VAE_BLOCKS, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=spec.sample_size * scale_factor(VAE_BLOCKS),
+            scaling_factor=SDXL.scaling_factor,
             force_upcast=True,
         )
         scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)

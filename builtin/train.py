@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.metrics import psnr
+from ..engine.model_folder import scale_factor
+from ..engine.tokenizer import CLIP_CONTEXT
 from .random_model import SD1_SCHEDULER_CONFIG
 from .scenes import COLOURS, SHAPES, render, scenes
 from .vocab import write_tokenizer
@@ -79,9 +82,9 @@ def train(out: Path, recipe: Recipe, log=print) -> dict:
         data = scenes(recipe.seed, recipe.train_scenes)
         pixels = torch.from_numpy(np.stack([np.asarray(render(s, recipe.image_size)) for s in data]))
         pixels = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, 64, 64) in [-1, 1]
-        ids = tokenizer([s.caption() for s in data], padding="max_length", max_length=77, truncation=True,
+        ids = tokenizer([s.caption() for s in data], padding="max_length", max_length=CLIP_CONTEXT, truncation=True,
                         return_tensors="pt").input_ids
-        empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        empty = tokenizer([""], padding="max_length", max_length=CLIP_CONTEXT, return_tensors="pt").input_ids
 
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=recipe.vae_groups,
@@ -99,13 +102,14 @@ def train(out: Path, recipe: Recipe, log=print) -> dict:
 
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=recipe.text_width, intermediate_size=2 * recipe.text_width,
-            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=CLIP_CONTEXT, hidden_act="quick_gelu",
             projection_dim=recipe.text_width, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         c = recipe.unet_channels
         unet = UNet2DConditionModel(
-            sample_size=recipe.image_size // 8, in_channels=4, out_channels=4, block_out_channels=c,
-            layers_per_block=1, norm_num_groups=32, cross_attention_dim=recipe.text_width, attention_head_dim=8,
+            sample_size=recipe.image_size // scale_factor(recipe.vae_channels), in_channels=4, out_channels=4,
+            block_out_channels=c, layers_per_block=1, norm_num_groups=32, cross_attention_dim=recipe.text_width,
+            attention_head_dim=8,
             down_block_types=("CrossAttnDownBlock2D",) * (len(c) - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(c) - 1))
         _train_unet(unet, text_encoder, mean, logvar, scaling, ids, empty, recipe, history["unet"], log)
@@ -188,9 +192,9 @@ def _train_vae(vae, pixels: torch.Tensor, recipe: Recipe, history: list, log) ->
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == recipe.vae_steps:
-            psnr = 10 * math.log10(4.0 / max((y - x).pow(2).mean().item(), 1e-12))  # range [-1, 1]: peak 2
-            history.append((step, round(loss.item(), 5), round(psnr, 2)))
-            log(f"vae  step {step:5d}/{recipe.vae_steps}  loss {loss.item():.4f}  reconstruction {psnr:.1f} dB")
+            score = psnr(y.detach(), x, peak=2.0)  # range [-1, 1]: peak-to-peak 2
+            history.append((step, round(loss.item(), 5), round(score, 2)))
+            log(f"vae  step {step:5d}/{recipe.vae_steps}  loss {loss.item():.4f}  reconstruction {score:.1f} dB")
     vae.eval()
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..engine.tokenizer import CLIP_CONTEXT
+
 WORDS = """a an the of on in and with at to photo picture painting drawing of small large big tiny
 red green blue yellow orange purple pink white black gray brown cyan magenta
 circle square triangle star cross ring heart diamond shape background
@@ -63,7 +65,7 @@ def write_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>", words:
                                        encoding="utf-8")
     config = {
         "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
+        "model_max_length": CLIP_CONTEXT,
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",

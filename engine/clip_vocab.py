@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .errors import EdgediffError
+from .tokenizer import CLIP_CONTEXT
 
 BPE_PATH = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -21,7 +22,6 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # `</w>` forms and the two special tokens the vocabulary comes to 49408 (= 256 * 2 + 48894 + 2).
 NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 49408
-MODEL_MAX_LENGTH = 77  # CLIP's context length
 # Padding: SD 1.x (and openai/clip-vit-large-patch14) pads with the end token; stabilityai's SD 2.x
 # repositories say "!" (id 0), which is what their text encoder was trained with.
 PAD_SD1 = EOS
@@ -65,7 +65,7 @@ def write_clip_tokenizer(folder: str | Path, pad_token: str = PAD_SD1) -> Path:
     config = {
         "tokenizer_class": "CLIPTokenizer",
         **special,
-        "model_max_length": MODEL_MAX_LENGTH,
+        "model_max_length": CLIP_CONTEXT,
         "do_lower_case": True,
         "add_prefix_space": False,
         "errors": "replace",

@@ -80,6 +80,7 @@ _DEFAULTS = {"in_channels": 4, "addition_embed_type": None, "use_linear_projecti
 SD1 = Family(
     name="sd1", title="Stable Diffusion 1.x",
     text_encoders=(TextEncoderUse(TEXT_ENCODER, "tokenizer", "last_hidden_state"),),
+    # LDM's scale_factor (v1-inference.yaml, v2-inference-v.yaml): 1 / the std of SD's VAE latents
     unet=UNET, native_size=512, scaling_factor=0.18215,
     unet_marks={"addition_embed_type": None, "in_channels": 4},
 )
@@ -91,6 +92,7 @@ SDXL = Family(
     name="sdxl", title="Stable Diffusion XL",
     text_encoders=(TextEncoderUse(TEXT_ENCODER_XL, "tokenizer", "penultimate_hidden_state"),
                    TextEncoderUse(TEXT_ENCODER_2, "tokenizer_2", "penultimate_hidden_state", "text_embeds")),
+    # sd_xl_base.yaml's scale_factor: SDXL's VAE was trained anew
     unet=UNET_XL, native_size=1024, scaling_factor=0.13025,
     unet_marks={"addition_embed_type": "text_time", "in_channels": 4},
     micro_conditioning=True, zeros_for_empty_negative=True,

@@ -84,11 +84,11 @@ def read_model_folder(path: str | Path) -> ModelInfo:
     if not isinstance(zeros, bool):
         raise EdgediffError(f"{path / 'model_index.json'}: force_zeros_for_empty_prompt is {zeros!r}, not true or "
                             "false; fix the file or export the model again")
-    vae_factor = 2 ** (_blocks(vae_file, vae, "VAE") - 1)  # pixels per latent: 8 for SD
+    vae_factor = scale_factor(_blocks(vae_file, vae, "VAE"))  # pixels per latent: 8 for SD
     sample_size = unet.get("sample_size", family.native_size // vae_factor)
     if isinstance(sample_size, (list, tuple)) and sample_size:
         sample_size = sample_size[0]
-    unet_factor = 2 ** (_blocks(unet_file, unet, "UNet") - 1)  # the UNet's downsamplings: 8 for SD
+    unet_factor = scale_factor(_blocks(unet_file, unet, "UNet"))  # the UNet's downsamplings: 8 for SD
     name = manifest.get("name") or path.resolve().name
     try:
         scheduler_config = SchedulerConfig.from_dict(scheduler_raw)
@@ -110,14 +110,19 @@ def read_model_folder(path: str | Path) -> ModelInfo:
     )
 
 
-def _blocks(file: Path, config: dict, what: str) -> int:
-    """How many blocks a VAE's or UNet's config.json lists (SD's four when it says nothing): each but the
-    last halves the resolution."""
+def scale_factor(block_out_channels) -> int:
+    """How much a VAE's or a UNet's blocks shrink an image's side, from its config's block_out_channels:
+    each block but the last halves it (SD's four VAE blocks: 8 pixels per latent)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def _blocks(file: Path, config: dict, what: str) -> list:
+    """The block widths a VAE's or UNet's config.json lists (SD's four blocks when it says nothing)."""
     blocks = config.get("block_out_channels") or [0] * 4
     if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
         raise EdgediffError(f"{file}: block_out_channels is {blocks!r}, not a list of the {what}'s block widths; "
                             "export the model again")
-    return len(blocks)
+    return blocks
 
 
 def _number(file: Path, key: str, value, allowed):

@@ -25,7 +25,9 @@ log = logging.getLogger("edgediff")
 # CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py): contractions, runs of letters, single
 # digits, runs of other symbols. Special tokens are matched whole so that a prompt may spell them.
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-MODEL_MAX_LENGTH = 77  # CLIP's context: start token, 75 prompt tokens, end token
+# CLIP's context: start token, 75 prompt tokens, end token. Every CLIP text tower SD uses (SD 1.x, 2.x and
+# SDXL's two) has this many positions; the tokenizer pads every prompt to it.
+CLIP_CONTEXT = 77
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class Encoded:
 
 
 class ClipTokenizer:
-    def __init__(self, tokenizer: Tokenizer, bos: str, eos: str, pad: str, max_length: int = MODEL_MAX_LENGTH,
+    def __init__(self, tokenizer: Tokenizer, bos: str, eos: str, pad: str, max_length: int = CLIP_CONTEXT,
                  words: dict[int, list[int]] | None = None):
         self._tok = tokenizer
         self.max_length = max_length
@@ -64,13 +66,13 @@ class ClipTokenizer:
         # trained with its own padding, so the folder decides.
         pad = token("pad_token", eos)
         unk = token("unk_token", eos)
-        max_length = cfg.get("model_max_length", MODEL_MAX_LENGTH)
+        max_length = cfg.get("model_max_length", CLIP_CONTEXT)
         if isinstance(max_length, bool) or not isinstance(max_length, (int, float)) or max_length < 3:
             raise EdgediffError(f"{folder / 'tokenizer_config.json'}: model_max_length is {max_length!r}, not a "
-                                f"token count (CLIP: {MODEL_MAX_LENGTH}); fix the file or export the model again")
+                                f"token count (CLIP: {CLIP_CONTEXT}); fix the file or export the model again")
         max_length = int(max_length)
         if max_length > 10_000:  # transformers writes a huge sentinel when no length was set
-            max_length = MODEL_MAX_LENGTH
+            max_length = CLIP_CONTEXT
 
         if (folder / "tokenizer.json").is_file():
             try:

@@ -38,21 +38,23 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.coreml.session import COMPUTE_UNITS
 from ..engine.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
 from ..engine.errors import EdgediffError
 from ..engine.files import atomic_folder, check_out
+from ..engine.metrics import relative_error, tensor_psnr
+from ..engine.model_folder import scale_factor
+from ..engine.tokenizer import CLIP_CONTEXT
 from . import weight_map
 from .onnx_export import (MANIFEST, VARIANT_MAX_RELATIVE_ERROR, ComponentReport, _check_source, _quiet,
-                          manifest_header, psnr, source_family)
+                          manifest_header, source_family)
 
 log = logging.getLogger("edgediff")
 
 # export/attention.py's variants that make sense on Core ML: "sliced" exists for memory-bound ONNX
 # providers; Apple's answer to the same problem is split-einsum's per-head ops.
 ATTENTIONS = ("standard", "split-einsum")
-COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # coremltools.ComputeUnit names
 COMPONENTS = (TEXT_ENCODER.name, UNET.name, VAE_ENCODER.name, VAE_DECODER.name)
-TEXT_LENGTH = 77  # CLIP's context: the tokenizer pads every prompt to it
 DEPLOYMENT_TARGET = "macOS13"  # = iOS 16 (Core ML 6): the minimum of Apple's ml-stable-diffusion
 # Keys of the packages' user-defined metadata. Core ML picks compute units when a model is loaded, not
 # when it is converted, so the package records the units it was made for and a loader reads them here.
@@ -67,9 +69,9 @@ def coreml_shapes(width: int, height: int, batch: int, in_channels: int = 4, hid
     and encodes its one init image)."""
     h, w = height // vae_scale, width // vae_scale
     return {
-        TEXT_ENCODER.name: {"input_ids": (2 * batch, TEXT_LENGTH)},
+        TEXT_ENCODER.name: {"input_ids": (2 * batch, CLIP_CONTEXT)},
         UNET.name: {"sample": (2 * batch, in_channels, h, w), "timestep": (2 * batch,),
-                    "encoder_hidden_states": (2 * batch, TEXT_LENGTH, hidden)},
+                    "encoder_hidden_states": (2 * batch, CLIP_CONTEXT, hidden)},
         VAE_ENCODER.name: {"sample": (1, 3, height, width)},
         VAE_DECODER.name: {"latent_sample": (1, latent_channels, h, w)},
     }
@@ -160,14 +162,14 @@ def _export_all(src: Path, tmp: Path, width: int, height: int, batch: int, atten
     text = CLIPTextConfig.from_pretrained(src / "text_encoder")
     unet = UNet2DConditionModel.load_config(src / "unet")
     vae = AutoencoderKL.load_config(src / "vae")
-    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    multiple = vae_scale * 2 ** (len(unet["block_out_channels"]) - 1)  # each UNet level halves the side
+    vae_scale = scale_factor(vae["block_out_channels"])
+    multiple = vae_scale * scale_factor(unet["block_out_channels"])  # each UNet level halves the side too
     if width <= 0 or height <= 0 or width % multiple or height % multiple:
         raise EdgediffError(f"width and height must be positive multiples of {multiple} for this model "
                             f"(its VAE and UNet downsample that much), not {width}x{height}")
-    if text.max_position_embeddings != TEXT_LENGTH:
+    if text.max_position_embeddings != CLIP_CONTEXT:
         raise EdgediffError(f"the text encoder reads {text.max_position_embeddings} tokens; "
-                            f"this export expects CLIP's {TEXT_LENGTH}")
+                            f"this export expects CLIP's {CLIP_CONTEXT}")
     shapes = coreml_shapes(width, height, batch, unet["in_channels"], unet["cross_attention_dim"], vae_scale,
                            vae["latent_channels"])
 
@@ -236,11 +238,11 @@ def _convert_one(spec: ComponentSpec, module, args: tuple, path: Path, variant: 
     # produces, decomposing only what its table names (coremltools' advice is an empty table).
     program = torch.export.export(module, args).run_decompositions(_decompositions())
     got = program.module()(*args)
-    err = _relative_error(got, reference)
+    err = relative_error(got, reference)
     if not err <= VARIANT_MAX_RELATIVE_ERROR:
         raise EdgediffError(f"the exported torch program of the {spec.name} ({variant} attention) differs "
                             f"from diffusers' by {err:.1e} (relative); nothing was written")
-    scores = [psnr(a.numpy(), b.numpy()) for a, b in zip(_tuple(got), _tuple(reference))]
+    scores = [tensor_psnr(a.numpy(), b.numpy()) for a, b in zip(_tuple(got), _tuple(reference))]
 
     # fp32 inputs and outputs around fp16 compute: the pipeline's numpy side (scheduler, guidance) stays
     # fp32 as with ONNX, and two casts cost nothing next to a UNet. Core ML has no int64 arrays.
@@ -330,8 +332,3 @@ def _features(features) -> list[dict]:
 
 def _tuple(x) -> tuple:
     return x if isinstance(x, tuple) else (x,)
-
-
-def _relative_error(got, want) -> float:
-    return max(float((a.double() - b.double()).norm() / max(float(b.double().norm()), 1e-12))
-               for a, b in zip(_tuple(got), _tuple(want)))

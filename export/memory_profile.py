@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.components import HIDDEN_SCALE, ComponentSpec
+from ..engine.tokenizer import CLIP_CONTEXT
 
 log = logging.getLogger("edgediff")
 
@@ -29,7 +30,7 @@ SIDES = (8, 16, 24)
 BYTES = {1: 4, 10: 2, 7: 8, 6: 4, 9: 1, 11: 8, 16: 2, 2: 1, 3: 1}  # ONNX TensorProto dtype -> bytes
 
 
-def profile(path: Path, spec: ComponentSpec, vae_scale: int, sequence: int = 77) -> dict:
+def profile(path: Path, spec: ComponentSpec, vae_scale: int, sequence: int = CLIP_CONTEXT) -> dict:
     """{"fit": [c0, c1, c2], "samples": [[side, peak], ...]} for `spec`'s graph at `path`, measured at
     batch 1: every tensor but the weights scales with the batch. The text encoder's size does not depend
     on the image: its fit is [0, peak, 0], evaluated with A = 1."""

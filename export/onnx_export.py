@@ -41,6 +41,9 @@ from ..engine.components import (FP32_FALLBACK, SAFETY_CHECKER, UNET, VAE, VAE_D
 from ..engine.families import Family, recognise
 from ..engine.errors import EdgediffError
 from ..engine.files import atomic_folder, check_out
+from ..engine.metrics import relative_error, tensor_psnr
+from ..engine.model_folder import scale_factor
+from ..engine.tokenizer import CLIP_CONTEXT
 from . import memory_profile, weight_map
 from .attention import DEFAULT_SLICES, VARIANTS
 
@@ -240,7 +243,7 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
     size = unet_config.get("sample_size", 64)
     size = size[0] if isinstance(size, (list, tuple)) else size
     vae_config = json.loads((src / "vae" / "config.json").read_text())
-    vae_scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+    vae_scale = scale_factor(vae_config.get("block_out_channels", [0] * 4))
     split = len(vae_config.get("block_out_channels", ())) > 1  # the decoder's head ends with an upsampler
     specs = [c for c in family.components if c is not SAFETY_CHECKER or has_checker]
     specs = [c for c in specs if split or c not in (VAE_DECODER_HEAD, VAE_DECODER_TAIL)]
@@ -278,7 +281,7 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
         text = json.loads((src / family.text_encoders[0].spec.name / "config.json").read_text())
         args = {"sample": torch.randn(2, c.in_channels, size, size, generator=g),
                 "timestep": torch.tensor([981.0, 981.0]),
-                "encoder_hidden_states": torch.randn(2, text.get("max_position_embeddings", 77),
+                "encoder_hidden_states": torch.randn(2, text.get("max_position_embeddings", CLIP_CONTEXT),
                                                      c.cross_attention_dim, generator=g)}
         if "text_embeds" in [t.name for t in spec.inputs]:  # SDXL's pooled text and micro-conditioning
             pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
@@ -393,7 +396,7 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
     shutil.rmtree(fp32)
     _consolidate(folder / "model.onnx")  # the quantizer's layout puts even shape constants in its data file
     got = OrtSession(folder / "model.onnx", spec, ["CPUExecutionProvider"]).run(**held_out)["out_sample"]
-    score, max_abs = psnr(got, want)
+    score, max_abs = tensor_psnr(got, want)
     report.dtype, report.psnr, report.max_abs_diff = "int8", score, max_abs
     report.bytes = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
     report.seconds = round(report.seconds + time.perf_counter() - start, 2)
@@ -421,7 +424,7 @@ def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, opti
             reference = module(*args)
             attention.install(module.m, variant, options.slices)
             got = module(*args)
-            err = _relative_error(got, reference)
+            err = relative_error(got, reference)
             if not err <= VARIANT_MAX_RELATIVE_ERROR:
                 raise EdgediffError(f"{variant} attention in the {spec.name} differs from standard attention "
                                     f"by {err:.1e} (relative); the variant is broken for this model")
@@ -468,31 +471,13 @@ def _io(t) -> dict:
     return {"name": t.name, "dtype": t.dtype, "shape": list(t.axes)}
 
 
-def _relative_error(got, want) -> float:
-    got = got if isinstance(got, tuple) else (got,)
-    want = want if isinstance(want, tuple) else (want,)
-    return max(float((g - w).norm() / max(float(w.norm()), 1e-12)) for g, w in zip(got, want))
-
-
-def psnr(got: np.ndarray, want: np.ndarray) -> tuple[float | None, float]:
-    """(PSNR in dB, max abs diff), the peak being the reference's largest magnitude: the measure Apple's
-    torch2coreml reports. None when the two are identical."""
-    got, want = got.astype(np.float64), want.astype(np.float64)
-    if not np.isfinite(got).all():
-        return float("-inf"), float("inf")
-    diff = got - want
-    rmse = float(np.sqrt(np.mean(diff ** 2)))
-    peak = float(np.abs(want).max())
-    return (None if rmse == 0 else 20 * np.log10(max(peak, 1e-12) / rmse)), float(np.abs(diff).max())
-
-
 def _parity(spec: ComponentSpec, path: Path, inputs: dict, expected: list[np.ndarray]):
     from ..backends.base import OrtSession
 
     session = OrtSession(path, spec, ["CPUExecutionProvider"])
     got = session.run(**inputs)
     del session
-    scores = [psnr(got[t.name], want) for t, want in zip(spec.outputs, expected)]
+    scores = [tensor_psnr(got[t.name], want) for t, want in zip(spec.outputs, expected)]
     worst = [s for s, _ in scores if s is not None]
     return (round(min(worst), 2) if worst else None), max(m for _, m in scores)
 

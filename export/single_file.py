@@ -36,8 +36,10 @@ from typing import NamedTuple
 
 from ..engine.clip_vocab import PAD_SD1, PAD_SD2, VOCAB_SIZE, write_clip_tokenizer
 from ..engine.errors import EdgediffError
-from ..engine.families import by_name
+from ..engine.families import SD1, SDXL, by_name
 from ..engine.files import atomic_folder
+from ..engine.model_folder import scale_factor
+from ..engine.tokenizer import CLIP_CONTEXT
 
 log = logging.getLogger("edgediff")
 
@@ -59,8 +61,6 @@ TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
 COMPONENTS = ("unet", "vae", "text_encoder")  # what every family's config folder has
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 INPAINT_CHANNELS = 9  # 4 noisy latents + 1 mask + 4 masked-image latents
-VAE_SCALING_FACTOR = 0.18215  # LDM's scale_factor in v1-inference.yaml and v2-inference-v.yaml
-SDXL_VAE_SCALING_FACTOR = 0.13025  # sd_xl_base.yaml's scale_factor: SDXL's VAE was trained anew
 
 # The standard configs, as the reference repositories ship them (stable-diffusion-v1-5/
 # stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-xl-base-1.0,
@@ -119,12 +119,12 @@ SD_VAE = {
     "layers_per_block": 2,  # num_res_blocks
     "norm_num_groups": 32,
     "act_fn": "silu",
-    "scaling_factor": VAE_SCALING_FACTOR,
+    "scaling_factor": SD1.scaling_factor,
 }
 SDXL_VAE = {
     **SD_VAE,
     "sample_size": 1024,
-    "scaling_factor": SDXL_VAE_SCALING_FACTOR,
+    "scaling_factor": SDXL.scaling_factor,
     "force_upcast": True,  # the SDXL VAE overflows in fp16: diffusers decodes it in fp32
 }
 SD1_TEXT = {  # openai/clip-vit-large-patch14's text tower
@@ -134,7 +134,7 @@ SD1_TEXT = {  # openai/clip-vit-large-patch14's text tower
     "intermediate_size": 3072,  # 4 x width
     "num_hidden_layers": 12,
     "num_attention_heads": 12,  # head dim 64
-    "max_position_embeddings": 77,  # CLIP's context length
+    "max_position_embeddings": CLIP_CONTEXT,
     "projection_dim": 768,  # unused by CLIPTextModel
     "hidden_act": "quick_gelu",  # OpenAI's CLIP
     "layer_norm_eps": 1e-5,
@@ -329,7 +329,7 @@ class Detected:
 
     def vae_config(self) -> dict:
         n = len(self.vae_block_out_channels)
-        return {**self.format.vae, "sample_size": self.sample_size * 2 ** (n - 1),
+        return {**self.format.vae, "sample_size": self.sample_size * scale_factor(self.vae_block_out_channels),
                 "block_out_channels": list(self.vae_block_out_channels),
                 "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
                 "latent_channels": self.vae_latent_channels, "layers_per_block": self.vae_layers_per_block}

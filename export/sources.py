@@ -18,13 +18,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.errors import EdgediffError
+from filelock import FileLock
+
+from ..engine.errors import EdgediffError, first_line
 from ..engine.files import cache_root, check_out, scratch_folder, sweep_partials
 from .onnx_export import MANIFEST, ExportOptions, folder_hash
 
 log = logging.getLogger("edgediff")
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+INDEX_LOCK_SECONDS = 30  # writing the hash index takes milliseconds; a lock held longer is a hung process
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a Stable Diffusion pipeline needs from a hub repository; the safetensors weights only, never
 # the pickled .bin duplicates many repositories also carry.
@@ -151,10 +154,7 @@ def _cached_hash(path: Path) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     stamp = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
     index_path = cache_root() / "hashes.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
+    index = _read_index(index_path)
     if stamp in index:
         return index[stamp]
     if path.is_file():
@@ -165,15 +165,26 @@ def _cached_hash(path: Path) -> str:
         digest = h.hexdigest()
     else:
         digest = folder_hash(path)
-    index[stamp] = digest
     try:
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_name(f".hashes-{os.getpid()}.json")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, index_path)
-    except OSError:
+        # Read again under the lock and add to that: other processes (two `generate` runs, a bench) may
+        # have added their entries while this one hashed, and writing the copy read above would drop them.
+        with FileLock(index_path.with_name(index_path.name + ".lock"), timeout=INDEX_LOCK_SECONDS):
+            index = {**_read_index(index_path), stamp: digest}
+            tmp = index_path.with_name(f".hashes-{os.getpid()}.json")
+            tmp.write_text(json.dumps(index))
+            os.replace(tmp, index_path)  # readers, who take no lock, see the old index or the new one
+    except OSError:  # filelock's Timeout is one too
         pass  # a read-only cache only costs the hash again next time
     return digest
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def _hub_revision(repo_id: str) -> str:
@@ -205,13 +216,18 @@ def _download(repo_id: str) -> Path:
 
 
 def _hub_message(repo_id: str, error: Exception) -> str:
-    name = type(error).__name__
-    if "Offline" in name or "Connect" in name or "LocalEntryNotFound" in name or os.environ.get("HF_HUB_OFFLINE"):
-        return (f"cannot download {repo_id} from the Hugging Face Hub: this machine is offline and it is not "
-                "in the local Hugging Face cache; download it where you are online, or give a local "
-                "folder or .safetensors file")
-    if "RepositoryNotFound" in name or "GatedRepo" in name:
+    """One line for a failed look-up or download. The hub answered with an HTTP status (HfHubHTTPError,
+    RepositoryNotFoundError for a missing, private or gated one), or it never answered: offline mode
+    (OfflineModeIsEnabled), no cached copy (LocalEntryNotFoundError), or no connection, which its HTTP
+    client raises in its own types (requests' or httpx's, depending on huggingface_hub's version)."""
+    from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError  # also from 0.23's
+
+    first = first_line(error)
+    if isinstance(error, RepositoryNotFoundError):  # GatedRepoError is one too
         return (f"the Hugging Face Hub has no repository {repo_id} you can read (misspelt, private or "
                 "gated: log in with `hf auth login`)")
-    first = str(error).strip().splitlines()[0] if str(error).strip() else name
-    return f"cannot download {repo_id} from the Hugging Face Hub ({first})"
+    if isinstance(error, HfHubHTTPError):
+        return f"cannot download {repo_id} from the Hugging Face Hub ({first})"
+    return (f"cannot download {repo_id} from the Hugging Face Hub: this machine is offline or cannot reach it "
+            f"({first}), and it is not in the local Hugging Face cache; download it where you are online, or "
+            "give a local folder or .safetensors file")

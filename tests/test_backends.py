@@ -1,7 +1,7 @@
 """The backend registry, the probes and the sessions.
 
 Each probe is fed what its real interface (onnxruntime's provider list, NVML, amdsmi, rocm-smi, sysctl,
-vm_stat, /proc/meminfo) answers on the machines the planner must serve: an NVIDIA card with 12 GB and one
+psutil's memory) answers on the machines the planner must serve: an NVIDIA card with 12 GB and one
 with 4 GB, an AMD card with 8 GB, an M1 with 8 GB of unified memory, a CPU-only PC with 8 GB. Provider
 options are checked as built; IO binding and the fallback run for real on the CPU.
 What is not run here: any session on a CUDA, ROCm or Core ML device (this machine has none)."""
@@ -215,27 +215,19 @@ def test_amd_unavailable_reasons():
                                          "(amdsmi: AMDSMI_STATUS_DRIVER_NOT_LOADED)")
 
 
-VM_STAT_M1 = """Mach Virtual Memory Statistics: (page size of 16384 bytes)
-Pages free:                                7000.
-Pages active:                            180000.
-Pages inactive:                          170000.
-Pages speculative:                         3000.
-Pages throttled:                              0.
-Pages wired down:                        120000.
-Pages purgeable:                           2000.
-"Translation faults":                 123456789.
-"""
-
-
 def mac(answers=None):
-    answers = {"sysctl -n hw.memsize": "8589934592\n", "vm_stat": VM_STAT_M1,
-               "sysctl -n machdep.cpu.brand_string": "Apple M1\n", **(answers or {})}
+    answers = {"sysctl -n machdep.cpu.brand_string": "Apple M1\n", **(answers or {})}
     return lambda args: answers.get(" ".join(args))
+
+
+def m1_memory():
+    return 8 * GiB, 3 * GiB  # psutil's (total, available) on an 8 GB M1
 
 
 def m1(providers=("CoreMLExecutionProvider", CPU), coremltools=True, version="14.4.1", **kwargs):
     return CoreMLBackend(available_providers=lambda: list(providers), system=lambda: "Darwin",
                          machine=lambda: "arm64", mac_version=lambda: version, run=kwargs.pop("run", mac()),
+                         memory=kwargs.pop("memory", m1_memory),
                          has_coremltools=lambda: coremltools, **kwargs)
 
 
@@ -243,14 +235,14 @@ def test_apple_m1_with_8gb_unified_memory():
     device = m1().probe()
     assert (device.name, device.total_memory, device.unified_memory, device.fp16, device.driver) == (
         "Apple M1", 8 * GiB, True, True, "macOS 14.4.1")
-    assert device.free_memory == 16384 * (7000 + 170000 + 3000)  # free + inactive + speculative
+    assert device.free_memory == 3 * GiB and not device.notes
     assert device.providers == ("CoreMLExecutionProvider", CPU)
     assert device.compute_units == ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
     # macOS 12: ONNX through ORT's provider still runs; the packages (macOS 13 target) do not
     old = m1(version="12.7.4").probe()
     assert old.compute_units == () and "macOS 13" in old.notes[0]
-    no_vm_stat = m1(run=mac({"vm_stat": None})).probe()
-    assert no_vm_stat.free_memory is None and no_vm_stat.total_memory == 8 * GiB
+    unknown = m1(memory=lambda: (8 * GiB, None)).probe()
+    assert unknown.free_memory is None and unknown.total_memory == 8 * GiB and "free memory unknown" in unknown.notes[0]
 
 
 def test_coreml_unavailable_reasons():
@@ -270,16 +262,17 @@ def test_coreml_unavailable_reasons():
     assert bare.reason.startswith("macOS 14.4.1 on Apple Silicon, but this onnxruntime build has no CoreML")
 
 
-MEMINFO_8GB = "MemTotal:        8053064 kB\nMemFree:          612000 kB\nMemAvailable:    5120000 kB\n"
+def pc_memory():
+    return 8053064 * 1024, 5120000 * 1024  # psutil's (total, available) on an 8 GB PC
 
 
 def test_cpu_only_machine_with_8gb():
-    device = CpuBackend(available_providers=lambda: [CPU], system=lambda: "Linux", meminfo=lambda: MEMINFO_8GB,
+    device = CpuBackend(available_providers=lambda: [CPU], system=lambda: "Linux", memory=pc_memory,
                         cores=lambda: 4, cpu_name=lambda: "Intel(R) Core(TM) i5-8250U").probe()
     assert (device.name, device.total_memory, device.free_memory, device.cores) == (
         "Intel(R) Core(TM) i5-8250U (4 cores)", 8053064 * 1024, 5120000 * 1024, 4)
     assert device.unified_memory and not device.fp16 and device.providers == (CPU,)
-    on_mac = CpuBackend(available_providers=lambda: [CPU], system=lambda: "Darwin", run=mac(),
+    on_mac = CpuBackend(available_providers=lambda: [CPU], system=lambda: "Darwin", run=mac(), memory=m1_memory,
                         cores=lambda: 8).probe()
     assert (on_mac.name, on_mac.total_memory) == ("Apple M1 (8 cores)", 8 * GiB)
     assert CpuBackend(available_providers=lambda: ["AzureExecutionProvider"]).probe().reason == \
@@ -287,7 +280,7 @@ def test_cpu_only_machine_with_8gb():
 
 
 def test_device_is_frozen_and_printable():
-    device = CpuBackend(available_providers=lambda: [CPU], system=lambda: "Linux", meminfo=lambda: MEMINFO_8GB,
+    device = CpuBackend(available_providers=lambda: [CPU], system=lambda: "Linux", memory=pc_memory,
                         cores=lambda: 4, cpu_name=lambda: "x").probe()
     with pytest.raises(FrozenInstanceError):
         device.free_memory = 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import _thread
 import math
-import os
 import signal
 import threading
 import time
@@ -36,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import event as _event
@@ -333,30 +333,24 @@ class _Overrun(BaseException):
     Exception` in the code under test turns it into an answer."""
 
 
-def _rss() -> int | None:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None  # not Linux: the time limit alone
-
-
 @contextmanager
 def watchdog(what: str):
     """Fails the test when the call inside runs past CALL_SECONDS or grows the process by CALL_MEMORY.
     A thread watches and interrupts the main thread with a simulated signal (no signal is sent, so ONNX
     Runtime's threads never see one), which stops a loop in Python too. It interrupts again until the
     call stops: an exception raised where Python ignores it (in a gc callback) is lost."""
-    start, base = time.monotonic(), _rss()
+    process = psutil.Process()
+    start, base = time.monotonic(), process.memory_info().rss
     done = threading.Event()
     reason: list[str] = []
 
     def watch():
         while not done.wait(0.05):
             if not reason:
-                rss = _rss()
+                rss = process.memory_info().rss
                 if time.monotonic() - start > CALL_SECONDS:
                     reason.append(f"still running after {CALL_SECONDS:g} s")
-                elif rss is not None and base is not None and rss - base > CALL_MEMORY:
+                elif rss - base > CALL_MEMORY:
                     reason.append(f"grew by {(rss - base) / 2**30:.1f} GiB")
             if reason:
                 _thread.interrupt_main(signal.SIGUSR1)

@@ -148,3 +148,103 @@ def test_broken_checkpoint_through_the_command_line(tiny, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert "model.safetensors" in lines[0] and "re-download" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no output, no scratch
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """A stand-in for the Hugging Face Hub on localhost that answers every request with the status and
+    X-Error-Code header given by `answer(status, code)`; an empty local Hugging Face cache."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import huggingface_hub.constants
+
+    reply = {"status": 404, "code": "RepoNotFound"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(reply["status"])
+            if reply["code"]:
+                self.send_header("X-Error-Code", reply["code"])
+            self.send_header("Content-Type", "application/json")
+            body = b'{"error": "simulated"}'
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+
+    def answer(status, code=None):
+        reply.update(status=status, code=code)
+    yield answer
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_failures_are_told_apart_by_the_hubs_exception_types(local_hub, monkeypatch):
+    """What the hub answered decides the line: huggingface_hub's exception types, not their names."""
+    import huggingface_hub.constants
+
+    def line(src="someone/not-here") -> str:
+        with pytest.raises(EdgediffError) as caught:
+            identify(src)
+        return str(caught.value)
+
+    local_hub(401, "RepoNotFound")
+    assert "has no repository someone/not-here you can read" in line()
+    local_hub(403, "GatedRepo")
+    assert "has no repository someone/not-here you can read" in line()
+    local_hub(500)
+    message = line()
+    assert message.startswith("cannot download someone/not-here from the Hugging Face Hub (")
+    assert "offline" not in message  # it answered
+    # nothing listens there: the HTTP client's own connection error
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert "offline or cannot reach it" in line()
+
+
+COUNT_WRITERS = 4
+WRITER = r"""
+import sys
+from pathlib import Path
+from edgediff.export import sources
+print("ready", flush=True)
+sys.stdin.readline()  # all writers start hashing at once
+print(sources.identify(Path(sys.argv[1])).sha256)
+"""
+
+
+@pytest.mark.slow  # four interpreters importing edgediff
+def test_processes_hashing_at_once_keep_every_entry_of_the_hash_index(tmp_path, monkeypatch):
+    """The hash index (cache/hashes.json) is read, then written after the hash: without a lock, writers
+    that overlap each write the index as they read it, and all but the last one's entry are lost."""
+    import json
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, EDGEDIFF_CACHE=str(cache))
+    files = []
+    for k in range(COUNT_WRITERS):
+        files.append(tmp_path / f"m{k}.safetensors")
+        files[-1].write_bytes(os.urandom(1 << 20) * 32)  # 32 MB: hashing takes long enough to overlap
+    runs = [subprocess.Popen([sys.executable, "-c", WRITER, str(f)], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True) for f in files]
+    assert all(r.stdout.readline().strip() == "ready" for r in runs)
+    for r in runs:
+        r.stdin.write("go\n")
+        r.stdin.flush()
+    digests = [r.communicate(timeout=120)[0].strip() for r in runs]
+    assert all(r.returncode == 0 for r in runs)
+    assert digests == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    index = json.loads((cache / "hashes.json").read_text())
+    assert sorted(index.values()) == sorted(digests)  # one entry per file, none lost
+    monkeypatch.setenv("EDGEDIFF_CACHE", str(cache))
+    monkeypatch.setattr(hashlib, "sha256", None)  # the index answers now: nothing is hashed again
+    assert [identify(f).sha256 for f in files] == digests

@@ -1,12 +1,12 @@
 """Apple Silicon: the Core ML packages of `edgediff export --format coreml` through coremltools, and
 ONNX-only exports through ONNX Runtime's CoreML execution provider.
 
-The probe reads the Mac: unified memory (sysctl hw.memsize), what is free (vm_stat), the chip's name and
+The probe reads the Mac: its unified memory and what is available (psutil), the chip's name (sysctl) and
 the macOS version. Core ML packages need coremltools and macOS 13 (the packages' deployment target);
 the probe checks that coremltools is installed without importing it, since its import pulls in torch.
 
 What is not run here (no Mac on the development machines): any prediction. The probe runs against
-simulated sysctl and vm_stat answers, the provider options are checked as built, and the Core ML
+simulated sysctl answers and memory, the provider options are checked as built, and the Core ML
 session's input conversion runs against a stand-in MLModel.
 """
 
@@ -26,9 +26,6 @@ COREML = "CoreMLExecutionProvider"
 MIN_MACOS = (13,)  # the packages' minimum deployment target (coreml_export.DEPLOYMENT_TARGET)
 MISSING = ("this onnxruntime build has no CoreML execution provider, and coremltools is not installed "
            "(pip install coremltools)")
-# ONNX Runtime's names for Core ML's compute units (its coreml_options.cc), by coremltools' names.
-ORT_COMPUTE_UNITS = {"ALL": "ALL", "CPU_ONLY": "CPUOnly", "CPU_AND_GPU": "CPUAndGPU",
-                     "CPU_AND_NE": "CPUAndNeuralEngine"}
 
 
 def coreml_provider_options(compute_units: str = "ALL") -> dict[str, str]:
@@ -37,7 +34,7 @@ def coreml_provider_options(compute_units: str = "ALL") -> dict[str, str]:
         # ML Program: Core ML's current format, with fp16 and the GPU/Neural Engine ops SD needs; the older
         # NeuralNetwork format is what the provider builds otherwise.
         "ModelFormat": "MLProgram",
-        "MLComputeUnits": ORT_COMPUTE_UNITS[compute_units],
+        "MLComputeUnits": COMPUTE_UNITS[compute_units],
         # Our graphs have dynamic batch and size axes; "1" would leave every node with such an input on the
         # CPU. No ModelCacheDirectory either: its cache is keyed on the model's path, and a re-export to
         # the same folder would be served the old compiled model.
@@ -60,16 +57,18 @@ def _version(text: str) -> tuple[int, ...]:
 
 class CoreMLBackend(OrtProviderBackend):
     """Probe inputs, each injectable: `available_providers()`, `system()`, `machine()`, `mac_version()`
-    ("14.4.1"), `run(args) -> stdout | None` (sysctl, vm_stat), `has_coremltools() -> bool`. Session inputs:
+    ("14.4.1"), `run(args) -> stdout | None` (sysctl), `memory() -> (total, available)` in bytes,
+    `has_coremltools() -> bool`. Session inputs:
     `load_model(path, compute_units)` and `read_spec(path)`, coremltools' by default."""
 
     def __init__(self, available_providers=None, system=None, machine=None, mac_version=None, run=None,
-                 has_coremltools=None, load_model=None, read_spec=None):
+                 memory=None, has_coremltools=None, load_model=None, read_spec=None):
         super().__init__("coreml", (COREML,), MISSING, available_providers)
         self._system = system or platform.system
         self._machine = machine or platform.machine
         self._mac_version = mac_version or (lambda: platform.mac_ver()[0])
         self._run = run or host.run_command
+        self._memory = memory or host.memory
         self._has_coremltools = has_coremltools or (lambda: importlib.util.find_spec("coremltools") is not None)
         self._load_model = load_model or load_mlmodel
         self._read_spec = read_spec or read_package_spec
@@ -92,14 +91,14 @@ class CoreMLBackend(OrtProviderBackend):
             notes.append("Core ML packages need coremltools (pip install coremltools) on macOS 13 or later")
         if not onnx:
             notes.append("ONNX exports need an onnxruntime with the CoreML provider (pip install onnxruntime)")
-        total, free = host.mac_memory(self._run)
+        total, free = self._memory()
         if free is None:
-            notes.append("free memory unknown (vm_stat gave nothing)")
+            notes.append("free memory unknown (psutil could not read it)")
         brand = (self._run(["sysctl", "-n", "machdep.cpu.brand_string"]) or "").strip()
         return Device(self.name, brand or "Apple Silicon", (COREML, "CPUExecutionProvider") if onnx else (),
                       total_memory=total, free_memory=free, unified_memory=True,
                       fp16=True,  # the GPU and the Neural Engine compute in fp16 natively (the ANE only so)
-                      driver=f"macOS {version}", compute_units=COMPUTE_UNITS if packages else (),
+                      driver=f"macOS {version}", compute_units=tuple(COMPUTE_UNITS) if packages else (),
                       cores=host.cores(), notes=tuple(notes))
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,

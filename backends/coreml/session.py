@@ -29,7 +29,11 @@ CORE_ML_TYPES = {
     131080: np.dtype(np.int8),
 }
 META_COMPUTE_UNITS = "com.edgediff.compute_units"  # export/coreml_export.py's META + "compute_units"
-COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")  # coremltools.ComputeUnit names
+# Core ML's compute units by coremltools.ComputeUnit's names (what a package records, what `export
+# --compute-units` takes), each with ONNX Runtime's name for it (the CoreML provider's MLComputeUnits, its
+# coreml_options.cc). The probe lists them in this order.
+COMPUTE_UNITS = {"ALL": "ALL", "CPU_AND_NE": "CPUAndNeuralEngine", "CPU_AND_GPU": "CPUAndGPU",
+                 "CPU_ONLY": "CPUOnly"}
 
 
 def load_mlmodel(path: Path, compute_units: str):

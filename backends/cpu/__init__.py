@@ -1,7 +1,6 @@
 """CPU backend: ONNX Runtime's CPU execution provider, the fallback that always runs.
 
-Memory is the host's: /proc/meminfo on Linux (MemAvailable), sysctl and vm_stat on macOS,
-GlobalMemoryStatusEx on Windows. Threads: one per core this process may use.
+Memory is the host's, as psutil reads it (backends/host.py). Threads: one per core this process may use.
 """
 
 from __future__ import annotations
@@ -31,16 +30,16 @@ ARENA_COMPONENTS = ("text_encoder", "unet")
 
 class CpuBackend:
     """Probe inputs, each injectable: `available_providers()`, `system()` ("Linux", "Darwin", "Windows"),
-    `meminfo()` (the text of /proc/meminfo), `run(args) -> stdout | None` (sysctl, vm_stat), `cores()`,
+    `memory() -> (total, available)` in bytes, `run(args) -> stdout | None` (sysctl), `cores()`,
     `cpu_name()`."""
 
     name = "cpu"
 
-    def __init__(self, available_providers=None, system=None, meminfo=None, run=None, cores=None,
+    def __init__(self, available_providers=None, system=None, memory=None, run=None, cores=None,
                  cpu_name=None):
         self._available = available_providers
         self._system = system or platform.system
-        self._meminfo = meminfo or (lambda: host.read_text("/proc/meminfo"))
+        self._memory = memory or host.memory
         self._run = run or host.run_command
         self._cores = cores or host.cores
         self._cpu_name = cpu_name
@@ -54,15 +53,6 @@ class CpuBackend:
             return None
         return ort.get_available_providers()
 
-    def _memory(self, system: str) -> tuple[int | None, int | None]:
-        if system == "Linux":
-            return host.parse_meminfo(self._meminfo())
-        if system == "Darwin":
-            return host.mac_memory(self._run)
-        if system == "Windows":
-            return host.windows_memory()
-        return host.sysconf_total(), None
-
     def probe(self) -> Device | Unavailable:
         providers = self._available_providers()
         if providers is None:
@@ -70,7 +60,7 @@ class CpuBackend:
         if "CPUExecutionProvider" not in providers:
             return Unavailable(self.name, "this onnxruntime build has no CPU execution provider")
         system = self._system()
-        total, free = self._memory(system)
+        total, free = self._memory()
         cores = self._cores()
         name = self._cpu_name() if self._cpu_name else _cpu_name(system, self._run)
         return Device(self.name, f"{name} ({cores} cores)", ("CPUExecutionProvider",),
