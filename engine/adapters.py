@@ -294,9 +294,6 @@ class Targets:
                 raise EdgediffError(f"{path} cannot be read ({first_line(e)}); export the model again") from None
         return cls.of(family, weights, unet_config, slots)
 
-    def has(self, component: str) -> bool:
-        return any(c == component for c, _ in self.weights)
-
     def resolve(self, key: str) -> tuple[str, str] | None:
         key = key.removeprefix("base_model.model.")
         found = self.aliases.get(key)
