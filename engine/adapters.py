@@ -396,13 +396,18 @@ def read_embedding(path: str | Path, widths: tuple[int, ...], family: str) -> Em
 
 # -- merging ------------------------------------------------------------------------------------------
 
-def merged(targets: Targets, loras: list[tuple[LoraFile, float]]) -> dict[str, dict[str, np.ndarray]]:
-    """{component: {initializer: value in the graph's dtype}} for every weight the LoRAs touch: the
-    export's weight plus each LoRA's weighted delta, summed in fp32 and cast once."""
+def merged(targets: Targets, loras: list[tuple[LoraFile, float]]) -> tuple[dict[str, dict[str, np.ndarray]],
+                                                                          dict[str, list[tuple[LoraFile, float]]]]:
+    """({component: {initializer: value in the graph's dtype}} for every weight the LoRAs touch: the
+    export's weight plus each LoRA's weighted delta, summed in fp32 and cast once; {component: the
+    (LoRA, weight) pairs that touch it}, what its weights depend on)."""
     deltas: dict[tuple[str, str], list[tuple[Layer, float]]] = {}
+    touching: dict[str, list[tuple[LoraFile, float]]] = {}
     for lora, weight in loras:
         for target, layer in match(lora, targets).items():
             deltas.setdefault(target, []).append((layer, weight))
+            if (lora, weight) not in touching.setdefault(target[0], []):
+                touching[target[0]].append((lora, weight))
     quantized = sorted({c for c, p in deltas if targets.weights[(c, p)].dtype == "int8"})
     if quantized:
         raise EdgediffError(f"this export's {', '.join(quantized)} is int8, whose weights cannot take a LoRA at "
@@ -414,7 +419,7 @@ def merged(targets: Targets, loras: list[tuple[LoraFile, float]]) -> dict[str, d
         for layer, weight in layers:
             value += np.float32(weight) * layer.delta(w.shape)
         out.setdefault(w.component, {})[w.initializer] = w.graph_value(value)
-    return out
+    return out, touching
 
 
 def embedding_tables(targets: Targets, embeddings: list[Embedding]) -> tuple[dict[str, dict[str, np.ndarray]],

@@ -181,7 +181,7 @@ class Pipeline:
         the ones applied before; [] removes them all. Each weight becomes W + sum(weight * up @ down *
         alpha / rank) in fp32, cast to the export's dtype; only components whose weights change get new
         sessions. A file that cannot be applied raises one line, and the previous set stays."""
-        chosen = tuple((self._lora(ref, weight), weight) for ref, weight in adapters.lora_list(loras))
+        chosen = tuple((self._lora(ref), weight) for ref, weight in adapters.lora_list(loras))
         self._apply(chosen)
         self.loras = chosen
 
@@ -215,7 +215,7 @@ class Pipeline:
                                 "again with `edgediff export`")
         return self._targets
 
-    def _lora(self, ref, weight: float) -> adapters.LoraFile:
+    def _lora(self, ref) -> adapters.LoraFile:
         """A LoRA by path, or by name in the LoRA folder; read once per file version."""
         path = adapters.find_lora(ref, self.lora_dir)
         stat = path.stat()
@@ -231,11 +231,13 @@ class Pipeline:
             return
         from ..backends.base import Overrides
 
-        values = adapters.merged(self._adapter_targets("LoRAs"), list(loras)) if loras else {}
+        values, touching = adapters.merged(self._adapter_targets("LoRAs"), list(loras)) if loras else ({}, {})
         overrides = {}
         for component in set(values) | set(self._embedding_tables):
             merged = {**values.get(component, {}), **self._embedding_tables.get(component, {})}
-            key = adapters.overrides_key(component, loras, self.embeddings)
+            # named by what this component's weights depend on: another LoRA elsewhere leaves its session
+            embeddings = self.embeddings if component in self._embedding_tables else ()
+            key = adapters.overrides_key(component, touching.get(component, ()), embeddings)
             overrides[component] = Overrides(key, merged)
         for component in set(overrides) | set(self._overrides):
             old, new = self._overrides.get(component), overrides.get(component)
@@ -265,7 +267,7 @@ class Pipeline:
                                 "lora_dir= (or --lora-dir DIR)")
         chosen = dict((lora.path, (lora, w)) for lora, w in self.loras)
         for name, weight in asked:
-            lora = self._lora(name, weight)
+            lora = self._lora(name)
             chosen[lora.path] = (lora, weight)
         return texts, tuple(chosen.values())
 

@@ -420,7 +420,7 @@ def test_the_plan_counts_the_weights_a_lora_replaces(tiny, tmp_path):
     path = kohya(tmp_path / "a.safetensors", layers(tiny, "sd1"))
     plain, pipe = ours(tiny, "sd1"), ours(tiny, "sd1", loras=[(path, 1.0)])
     lora = adapters.read_lora(path)
-    merged = adapters.merged(pipe._adapter_targets("LoRAs"), [(lora, 1.0)])
+    merged, _ = adapters.merged(pipe._adapter_targets("LoRAs"), [(lora, 1.0)])
     held = sum(v.nbytes for c in merged.values() for v in c.values()) + sum(
         t.nbytes for layer in lora.layers.values() for t in (layer.down, layer.up))
     request = Request(64, 64)
@@ -428,3 +428,18 @@ def test_the_plan_counts_the_weights_a_lora_replaces(tiny, tmp_path):
     card = dataclasses.replace(pipe.device, backend="cuda", unified_memory=False, free_memory=None)
     pipe.device = plain.device = card
     assert [s.peak for s in pipe.make_plan(request).stages] == [s.peak for s in plain.make_plan(request).stages]
+
+
+def test_with_embeddings_a_unet_lora_leaves_the_text_encoders_session(tiny, tmp_path):
+    """A component's weights are named by what they depend on: with embeddings in the text encoder, a
+    UNet-only LoRA switched on and off does not re-create the text encoder's session."""
+    width = layers(tiny, "sd1")[("lora_te", "text_model.encoder.layers.0.self_attn.q_proj")][1]
+    shiny = embedding(tmp_path / "shiny.safetensors", 2, (width,), seed=3)
+    a = kohya(tmp_path / "a.safetensors", layers(tiny, "sd1", text=False), seed=1)
+    pipe = ours(tiny, "sd1", embeddings=[shiny])
+    spec = pipe.model.family.text_encoders[0].spec
+    text = pipe._session(spec)
+    for loras in ([(a, 1.0)], []):
+        pipe.set_loras(loras)
+        draw(pipe, "a shiny circle")
+        assert pipe._session(spec) is text
