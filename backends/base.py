@@ -4,15 +4,18 @@
   words a user can act on (`Unavailable`). It never raises and never imports torch. Every probe takes its
   inputs (provider lists, NVML, amdsmi, sysctl, the host's memory) as constructor arguments, so that tests
   describe a 4 GB NVIDIA card or an 8 GB M1 on a machine that has neither.
-- `open(path, spec, device, memory_limit=None)` returns a `Session` that runs one exported component;
-  `memory_limit` (bytes) caps what the backend's allocator may take where the runtime has such a cap.
+- `open(path, spec, device, memory_limit=None, overrides=None, dtype="fp32")` returns a `Session` that
+  runs one exported component; `memory_limit` (bytes) caps what the backend's allocator may take where
+  the runtime has such a cap; `dtype` is the graph's, as the model folder records it (a backend never
+  reads a model's manifest itself).
+- `cost` says how the backend turns graph facts into resident bytes (the planner reads it), and `host`
+  whether it runs on the host's CPU and memory (where a plan puts small components off a card).
 
 Outside backends/ no code asks which backend it is on: it holds a `Session` and calls `run` (and `keep`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from ..engine.errors import EdgediffError, first_line  # noqa: F401 (backends im
 log = logging.getLogger("edgediff")
 
 GiB = 2**30
+MiB = 2**20
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,21 @@ class Device:
 
 
 @dataclass(frozen=True)
+class BackendCost:
+    """How one backend turns graph facts into resident bytes: each backend states its own (the planner,
+    engine/plan.py, reads `backend.cost`)."""
+    fixed: int  # process or context overhead before any model: runtime libraries, CUDA context, arenas
+    weights: float  # resident bytes per byte of weights on disk
+    activations: float  # peak bytes per byte of the graph's live-tensor peak (export/memory_profile.py)
+    session: int  # per open session: kernels' workspaces, the allocator's slack
+
+
+# The GPU backends' costs: the providers' documented overheads (context + cuDNN/MIOpen handles), to be
+# measured where the hardware is. The CPU's are measured (backends/cpu).
+GPU_COST = BackendCost(fixed=600 * MiB, weights=1.0, activations=1.0, session=64 * MiB)
+
+
+@dataclass(frozen=True)
 class Unavailable:
     backend: str
     reason: str  # e.g. "onnxruntime-gpu is not installed (pip install onnxruntime-gpu)"
@@ -104,13 +123,15 @@ class Session(Protocol):
 
 class Backend(Protocol):
     name: str
+    cost: BackendCost
+    host: bool  # runs on the host's CPU and memory
 
     def probe(self) -> Device | Unavailable: ...
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None) -> Session:
+             overrides: Overrides | None = None, dtype: str = "fp32") -> Session:
         """`overrides`: weights that replace the exported ones (optional: a backend that cannot take them,
-        Core ML's packages, refuses in one line)."""
+        Core ML's packages, refuses in one line). `dtype`: the graph's ("fp32", "fp16", "int8")."""
 
 
 class MissingComponent(EdgediffError):
@@ -244,6 +265,9 @@ class OrtProviderBackend:
     on a machine without the hardware.
     """
 
+    cost = GPU_COST
+    host = False
+
     def __init__(self, name: str, providers: tuple[str, ...], missing_hint: str, available_providers=None):
         self.name = name
         self._wanted = providers
@@ -271,7 +295,7 @@ class OrtProviderBackend:
         return Device(self.name, present[0], (present[0], "CPUExecutionProvider"))
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None) -> OrtSession:
+             overrides: Overrides | None = None, dtype: str = "fp32") -> OrtSession:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -306,16 +330,3 @@ def artifact_key(path: Path) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
-
-
-def export_dtype(path: Path) -> str:
-    """The dtype the component's graph was exported in ("fp32" or "fp16"), from the model's edgediff.json
-    (`<model>/<component>/model.onnx` -> `<model>/edgediff.json`); fp32 when there is no manifest
-    (optimum's folders)."""
-    manifest = path.parent.parent / "edgediff.json"
-    try:
-        data = json.loads(manifest.read_text())
-        component = data.get("components", {}).get(path.parent.name, {})
-        return str(component.get("dtype") or data.get("dtype") or "fp32")
-    except (OSError, ValueError, AttributeError):
-        return "fp32"

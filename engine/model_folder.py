@@ -54,6 +54,12 @@ class ModelInfo:
     def has(self, spec: ComponentSpec) -> bool:
         return self.component(spec).is_file()
 
+    def dtype(self, name: str) -> str:
+        """The dtype the component's graph was exported in ("fp32", "fp16", "int8"), as the manifest
+        records it; fp32 where it records none (optimum's folders)."""
+        record = self.export_manifest.get("components", {}).get(name, {})
+        return str(record.get("dtype") or self.export_manifest.get("dtype") or "fp32")
+
 
 def read_model_folder(path: str | Path) -> ModelInfo:
     path = Path(path)

@@ -294,23 +294,24 @@ class Pipeline:
 
     def _open(self, spec: ComponentSpec, plan: Plan | None, graph: str | None = None):
         """The one way a session is opened: the component's graph (or `graph`, a file beside it: the fp32
-        fallback of an fp16 decoder), or the variant the plan needs; on the plan's backend (the host CPU
-        for what it runs there) with its share of the memory budget, the next backend taking over if
-        that one cannot open it; with the weights LoRAs and embeddings replace."""
-        from ..backends import open_with_fallback, select
+        fallback of an fp16 decoder), or the variant the plan needs, with the dtype it was exported in;
+        on the plan's backend (the host's for what the plan runs there) with its share of the memory
+        budget, the next backend taking over if that one cannot open it; with the weights LoRAs and
+        embeddings replace."""
+        from ..backends import REGISTRY, get_backend, open_with_fallback, select
 
-        path = self.model.component(spec)
+        path, dtype = self.model.component(spec), self.model.dtype(spec.name)
         if graph is not None:
-            path = path.with_name(graph)
+            path, dtype = path.with_name(graph), "fp32"
         elif spec is self.model.family.unet and plan is not None and plan.needs_export:
             path = self._variant(plan.needs_export) / spec.onnx_path
         backend, device = self.backend, self.device
         on_host = plan is not None and spec.name in plan.on_host
         if on_host:
-            backend, device = select("cpu")
+            backend, device = select(next(name for name in REGISTRY if get_backend(name).host))
         limit = plan.session_limit(spec.name) if plan else None
         session, backend, _ = open_with_fallback(path, spec, backend, device, limit,
-                                                 overrides=self._overrides.get(spec.name))
+                                                 overrides=self._overrides.get(spec.name), dtype=dtype)
         if backend is not self.backend and not on_host:
             self.moved[spec.name] = backend.name
         return session

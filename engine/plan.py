@@ -25,7 +25,8 @@ trades speed for memory in the way users of AUTOMATIC1111 pick by hand (--medvra
 
 Predictions, per stage: the weights that are in memory during it + the activations of the component
 running (from the export's graph profile, export/memory_profile.py) + the backend's fixed overhead.
-Every constant that turns graph facts into bytes is in BACKEND_COSTS below, with where it was measured.
+The constants that turn graph facts into bytes are each backend's own (`backend.cost`, backends/), with
+where they were measured.
 """
 
 from __future__ import annotations
@@ -44,27 +45,6 @@ DEFAULT_BUDGET = 7 * GiB  # fits an 8 GB card or Mac with room for the desktop
 MIN_BUDGET = MiB  # a budget below a megabyte is a slip (a number of GB given as bytes), not a plan
 
 
-@dataclass(frozen=True)
-class BackendCost:
-    """How one backend turns graph facts into resident bytes."""
-    fixed: int  # process or context overhead before any model: runtime libraries, CUDA context, arenas
-    weights: float  # resident bytes per byte of weights on disk
-    activations: float  # peak bytes per byte of the graph's live-tensor peak (export/memory_profile.py)
-    session: int  # per open session: kernels' workspaces, the allocator's slack
-
-
-# cpu: measured on the 2-core CI machine with the full-size SD 1.5 architecture, fp32, one step
-# (`python -m edgediff.bench.plan_memory`): with factors 1.0 the predictions came out 2.4% (256 px,
-# resident), 7.4% (512, resident) and 8.2% (512, streamed-lean) under the measured peaks, the gap
-# growing with the activations (the allocator's slack around large tensors) and a little with the
-# weights (the session's copies of small initializers). The GPU rows are the providers' documented
-# overheads, to be measured where the hardware is.
-BACKEND_COSTS = {
-    "cpu": BackendCost(fixed=350 * MiB, weights=1.03, activations=1.2, session=32 * MiB),
-    "cuda": BackendCost(fixed=600 * MiB, weights=1.0, activations=1.0, session=64 * MiB),  # context + cuDNN
-    "rocm": BackendCost(fixed=600 * MiB, weights=1.0, activations=1.0, session=64 * MiB),
-    "coreml": BackendCost(fixed=400 * MiB, weights=1.0, activations=1.0, session=32 * MiB),
-}
 TILE = 256  # pixels: the VAE tile of the tiled rungs (32 latents); a decode's peak scales with its area
 TILE_OVERLAP = 64  # pixels blended between neighbouring tiles
 # The split decoder's tiles (engine/tiling.shared_stats_decode): each runs with a margin of the tail's
@@ -142,12 +122,13 @@ class Plan:
     vae_margin: int = 0  # pixels around the split decoder's tiles (shared statistics); 0 when not used
     # each component's predicted need (weights, activations, session), bytes: its share of the allocators
     needs: tuple[tuple[str, int], ...] = ()
+    overhead: int = 0  # the backend's fixed cost (context, cuDNN/cuBLAS handles), outside its allocators
 
     @property
     def session_memory_limit(self) -> int:
         """What the device sessions' allocators may take together (CUDA's gpu_mem_limit): the budget
-        less the backend's fixed overhead (context, cuDNN/cuBLAS handles), outside the allocators."""
-        return max(self.budget - BACKEND_COSTS.get(self.backend, BACKEND_COSTS["cpu"]).fixed, 0)
+        less the backend's fixed overhead."""
+        return max(self.budget - self.overhead, 0)
 
     def session_limit(self, name: str) -> int | None:
         """The allocator cap of one component's session. Each session has an arena of its own, so a
@@ -231,7 +212,7 @@ def _limit(device, budget: int | None) -> tuple[int, str]:
 
 def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, cfg_batched: bool,
           streamed: bool | str, tiled: bool, sliced: bool, split: bool = True) -> Plan:
-    cost = BACKEND_COSTS.get(device.backend, BACKEND_COSTS["cpu"])
+    cost = backend_cost(device.backend)
     manifest = model.export_manifest
     attention, slices, needs_export = manifest.get("attention", "standard"), manifest.get("slices"), None
     if sliced and attention not in ("sliced", "fused"):  # fused attention holds no score matrix either
@@ -301,7 +282,15 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         vae_margin=margin,
         resident=resident, streamed=loaded_in_turn,
         dtype=manifest.get("dtype", "fp32"), attention=attention, slices=slices, stages=tuple(stages),
-        needs_export=needs_export, on_host=on_host, needs=tuple(needs.items()))
+        needs_export=needs_export, on_host=on_host, needs=tuple(needs.items()), overhead=cost.fixed)
+
+
+def backend_cost(name: str):
+    """The backend's own cost figures (backends.base.BackendCost); the CPU's for a name the registry
+    does not know (a device described by hand)."""
+    from ..backends import REGISTRY, get_backend
+
+    return get_backend(name if name in REGISTRY else "cpu").cost
 
 
 def _stage(stages, name: str) -> int:

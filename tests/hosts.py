@@ -44,14 +44,14 @@ def simulate(monkeypatch, providers=(CPU,), nvml=None, system="Linux", machine="
     """Make the registry's accelerator backends see this host. `providers`: what onnxruntime's
     get_available_providers() answers (the default is the CPU build's); `nvml`: the pynvml module
     (None: nvidia-ml-py is not installed); `system` and `machine`: what the platform module says. Neither
-    amdsmi nor rocm-smi nor coremltools is there, and no onnxruntime-gpu distribution is installed
+    nvidia-smi nor amdsmi nor rocm-smi nor coremltools is there, and no onnxruntime-gpu distribution is installed
     beside the build (the probe's hint for a shadowed one)."""
     def available():
         return list(providers)
 
     monkeypatch.setattr(cuda, "BACKEND", cuda.CudaBackend(
         available_providers=available, nvml=(lambda: nvml) if nvml is not None else _not_installed,
-        environ={}, installed=lambda distribution: False))
+        environ={}, installed=lambda distribution: False, run=lambda args: None))
     monkeypatch.setattr(rocm, "BACKEND", rocm.RocmBackend(
         available_providers=available, amdsmi=_not_installed, run=lambda args: None))
     monkeypatch.setattr(coreml, "BACKEND", coreml.CoreMLBackend(

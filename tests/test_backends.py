@@ -153,13 +153,42 @@ def test_nvidia_unavailable_reasons():
     assert isinstance(no_gpu, Unavailable) and "NVML sees 0 NVIDIA GPU(s)" in no_gpu.reason
 
 
-def test_nvidia_without_nvidia_ml_py_runs_with_memory_unknown():
-    def missing():
-        raise ImportError("No module named 'pynvml'")
+def _no_pynvml():
+    raise ImportError("No module named 'pynvml'")
 
-    device = CudaBackend(available_providers=lambda: [CUDA, CPU], nvml=missing, environ={}).probe()
-    assert isinstance(device, Device) and device.total_memory is None and device.free_memory is None
-    assert "pip install nvidia-ml-py" in device.notes[-1] and "memory unknown" in device.describe()
+
+def test_nvidia_without_nvidia_ml_py_asks_nvidia_smi():
+    asked = []
+
+    def smi(args):
+        asked.append(args)
+        return "NVIDIA GeForce RTX 3060, 12288, 11264, 550.54.14, 8.6\nNVIDIA GeForce GT 1030, 2048, 1900, 550.54.14, 6.1\n"
+
+    device = CudaBackend(available_providers=lambda: [CUDA, CPU], nvml=_no_pynvml, environ={}, run=smi).probe()
+    assert asked[0][0] == "nvidia-smi"
+    assert device == Device("cuda", "NVIDIA GeForce RTX 3060", (CUDA, CPU), total_memory=12 * GiB,
+                            free_memory=11 * GiB, fp16=True, driver="NVIDIA driver 550.54.14",
+                            compute_capability=(8, 6))
+    second = CudaBackend(available_providers=lambda: [CUDA, CPU], nvml=_no_pynvml, run=smi,
+                         environ={"CUDA_VISIBLE_DEVICES": "1"}).probe()
+    assert second.name == "NVIDIA GeForce GT 1030" and not second.fp16
+    # a driver too old to answer compute_cap: memory still known, fp16 not claimed
+    old = CudaBackend(available_providers=lambda: [CUDA, CPU], nvml=_no_pynvml, environ={},
+                      run=lambda args: "Tesla K80, 11441, 11000, 470.82.01, [Not Supported]\n").probe()
+    assert old.total_memory == 11441 * 2**20 and old.compute_capability is None and not old.fp16
+
+
+def test_onnxruntime_gpu_without_a_gpu_is_unavailable():
+    """onnxruntime-gpu installs on any machine: with neither nvidia-ml-py nor a working nvidia-smi there
+    is no NVIDIA driver, and `auto` must not pick cuda (it did: every session then fell back)."""
+    for answer in (None, ""):  # nvidia-smi missing; or it answers nothing
+        found = CudaBackend(available_providers=lambda: [CUDA, CPU], nvml=_no_pynvml, environ={},
+                            run=lambda args: answer).probe()
+        assert isinstance(found, Unavailable) and "no NVIDIA GPU found" in found.reason
+        assert "pip install nvidia-ml-py" in found.reason
+    beyond = CudaBackend(available_providers=lambda: [CUDA, CPU], nvml=_no_pynvml, environ={"CUDA_VISIBLE_DEVICES": "3"},
+                         run=lambda args: "NVIDIA A10, 24576, 24000, 550.54.14, 8.6\n").probe()
+    assert isinstance(beyond, Unavailable) and "lists 1 NVIDIA GPU(s), so there is no device 3" in beyond.reason
 
 
 def fake_amdsmi(name, total, used, arch="gfx1032", init_error=None):
@@ -309,12 +338,15 @@ def test_tensorrt_first_with_a_cache_per_export_and_the_graphs_dtype(tmp_path):
     unet = tmp_path / "model" / "unet"
     unet.mkdir(parents=True)
     (unet / "model.onnx").write_bytes(b"graph")
-    (tmp_path / "model" / "edgediff.json").write_text('{"dtype": "fp16"}')
+    # a manifest beside the graph that says otherwise: the backend takes the dtype it is given, and
+    # never reads a model's manifest itself (engine/pipeline.Pipeline._open passes it)
+    (tmp_path / "model" / "edgediff.json").write_text('{"dtype": "fp32"}')
     device = Device("cuda", "NVIDIA A10", (TRT, CUDA, CPU), device_id=0)
-    providers = providers_for(device, unet / "model.onnx", memory_limit=8 * GiB)
+    providers = providers_for(device, unet / "model.onnx", memory_limit=8 * GiB, dtype="fp16")
     assert [p if isinstance(p, str) else p[0] for p in providers] == [TRT, CUDA, CPU]
     trt, cuda_options = providers[0][1], providers[1][1]
     assert trt["trt_fp16_enable"] == "1" and cuda_options["gpu_mem_limit"] == str(8 * GiB)
+    assert providers_for(device, unet / "model.onnx", dtype="fp32")[0][1]["trt_fp16_enable"] == "0"
     cache = Path(trt["trt_engine_cache_path"])
     assert cache.is_dir() and cache.parent.name == "tensorrt" and cache.name.startswith("unet-")
     (unet / "model.onnx").write_bytes(b"re-exported graph")  # new weights, same path: a new engine cache

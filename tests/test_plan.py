@@ -430,10 +430,10 @@ def test_sessions_share_the_cuda_budget_instead_of_each_taking_it(tiny):
     card = Device("cuda", "NVIDIA GeForce RTX 3060", ("CUDAExecutionProvider", "CPUExecutionProvider"),
                   total_memory=12 * GiB, free_memory=11 * GiB, fp16=True)
     cpu = get_backend("cpu")
-    limits = {}
+    limits, dtypes = {}, {}
 
-    def open_on_card(path, spec, device, memory_limit=None, overrides=None):
-        limits[spec.name] = memory_limit
+    def open_on_card(path, spec, device, memory_limit=None, overrides=None, dtype="fp32"):
+        limits[spec.name], dtypes[spec.name] = memory_limit, dtype
         return cpu.open(path, spec, cpu.probe(), None, overrides)
 
     backend = SimpleNamespace(name="cuda", open=open_on_card, probe=lambda: card)
@@ -445,6 +445,8 @@ def test_sessions_share_the_cuda_budget_instead_of_each_taking_it(tiny):
     assert sum(limits.values()) <= plan.session_memory_limit < 6 * GiB
     assert all(v > 0 for v in limits.values())
     assert limits["unet"] == max(limits.values())
+    # each session is opened with the dtype its graph was exported in, from the model folder
+    assert dtypes == {name: model.dtype(name) for name in limits} and set(dtypes.values()) == {"fp32"}
 
 
 def test_the_plan_sizes_the_vae_encoder_in_the_tiles_the_pipeline_encodes_in(tiny):

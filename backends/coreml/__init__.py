@@ -19,7 +19,7 @@ from pathlib import Path
 from ...engine.components import ComponentSpec
 from ...engine.errors import EdgediffError
 from .. import host
-from ..base import Device, OrtProviderBackend, OrtSession, Overrides, Session, Unavailable, session_options
+from ..base import BackendCost, Device, MiB, OrtProviderBackend, OrtSession, Overrides, Session, Unavailable, session_options
 from .session import COMPUTE_UNITS, CoreMLSession, load_mlmodel, package_compute_units, read_package_spec
 
 COREML = "CoreMLExecutionProvider"
@@ -102,7 +102,7 @@ class CoreMLBackend(OrtProviderBackend):
                       cores=host.cores(), notes=tuple(notes))
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None) -> Session:
+             overrides: Overrides | None = None, dtype: str = "fp32") -> Session:
         # memory_limit: Core ML has no allocator cap; on unified memory the plan's prediction is the guard.
         package = find_package(path)
         if package is not None and overrides:

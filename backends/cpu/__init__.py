@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ...engine.components import ComponentSpec
 from .. import host
-from ..base import Device, OrtSession, Overrides, Unavailable, session_options
+from ..base import BackendCost, Device, MiB, OrtSession, Overrides, Unavailable, session_options
 
 
 def _cpu_name(system: str, run) -> str:
@@ -34,6 +34,13 @@ class CpuBackend:
     `cpu_name()`."""
 
     name = "cpu"
+    host = True
+    # Measured on the 2-core CI machine with the full-size SD 1.5 architecture, fp32, one step
+    # (`python -m edgediff.bench.plan_memory`): with factors 1.0 the predictions came out 2.4% (256 px,
+    # resident), 7.4% (512, resident) and 8.2% (512, streamed-lean) under the measured peaks, the gap
+    # growing with the activations (the allocator's slack around large tensors) and a little with the
+    # weights (the session's copies of small initializers).
+    cost = BackendCost(fixed=350 * MiB, weights=1.03, activations=1.2, session=32 * MiB)
 
     def __init__(self, available_providers=None, system=None, memory=None, run=None, cores=None,
                  cpu_name=None):
@@ -71,7 +78,7 @@ class CpuBackend:
                       notes=() if total else ("host memory unknown on this OS",))
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None) -> OrtSession:
+             overrides: Overrides | None = None, dtype: str = "fp32") -> OrtSession:
         # memory_limit: ONNX Runtime has no cap on CPU memory; the plan's prediction is the guard here.
         options = session_options()
         # One thread per core we may use: more threads than cores only adds contention.

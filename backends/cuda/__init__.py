@@ -2,8 +2,12 @@
 provider first when the build has it and the user asks for it (EDGEDIFF_TENSORRT=1).
 
 The probe reads the GPU through NVML (package nvidia-ml-py, imported as `pynvml`; it needs no GPU to
-import): name, total and free memory, driver version, compute capability. Without nvidia-ml-py the
-backend still runs, with memory unknown.
+import): name, total and free memory, driver version, compute capability. Without nvidia-ml-py it asks
+`nvidia-smi`, which every NVIDIA driver installs; with neither there is no driver to run on, and the
+backend is unavailable (onnxruntime-gpu alone says nothing about a GPU: it installs anywhere).
+
+onnxruntime-gpu's wheels find CUDA and cuDNN in the nvidia-* pip packages only after
+`onnxruntime.preload_dlls()`; the backend calls it once before its first session.
 
 What is not run here (no NVIDIA GPU on the development machines): a session on the GPU. The probe runs
 against simulated NVML answers, the provider options are checked as built, and a session asked for CUDA
@@ -12,13 +16,15 @@ on a machine without it is checked to fall back to the CPU with a warning.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from ...engine.components import ComponentSpec
 from ...engine.files import cache_root
-from ..base import (GiB, Device, OrtProviderBackend, OrtSession, Overrides, Unavailable, artifact_key,
-                    export_dtype, first_line, session_options)
+from .. import host
+from ..base import (GiB, MiB, Device, OrtProviderBackend, OrtSession, Overrides, Unavailable, artifact_key,
+                    first_line, session_options)
 
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
@@ -31,6 +37,7 @@ FP16_FAST_FROM = (7, 0)
 TRT_WORKSPACE = 1 * GiB
 
 MISSING = "onnxruntime-gpu is not installed (pip install onnxruntime-gpu)"
+log = logging.getLogger("edgediff")
 SHADOWED = ("onnxruntime-gpu is installed, but the CPU-only onnxruntime package shadows it (pip uninstall -y "
             "onnxruntime onnxruntime-gpu, then pip install onnxruntime-gpu)")
 
@@ -75,7 +82,7 @@ def tensorrt_provider_options(device_id: int, fp16: bool, cache_dir: Path,
 
 
 def providers_for(device: Device, path: Path, memory_limit: int | None = None,
-                  overrides: Overrides | None = None) -> list:
+                  overrides: Overrides | None = None, dtype: str = "fp32") -> list:
     """InferenceSession's provider list for the component at `path` on `device`: TensorRT first if the
     probe chose it, then CUDA, then the CPU for the few ops neither has. TensorRT bakes the weights into
     its cached engines, so weights overridden at load time (LoRAs) get engines of their own."""
@@ -84,8 +91,8 @@ def providers_for(device: Device, path: Path, memory_limit: int | None = None,
         weights = f"-{overrides.key}" if overrides else ""
         cache = cache_root() / "tensorrt" / f"{path.parent.name}-{artifact_key(path)}{weights}"
         cache.mkdir(parents=True, exist_ok=True)
-        providers.append((TENSORRT, tensorrt_provider_options(device.device_id, export_dtype(path) == "fp16",
-                                                               cache, memory_limit)))
+        providers.append((TENSORRT, tensorrt_provider_options(device.device_id, dtype == "fp16", cache,
+                                                               memory_limit)))
     providers.append((CUDA, cuda_provider_options(device.device_id, memory_limit)))
     providers.append("CPUExecutionProvider")
     return providers
@@ -107,6 +114,36 @@ def _import_pynvml():
     return pynvml
 
 
+# name, memory in MiB, driver, compute capability ("8.6"; drivers from 510 answer it)
+NVIDIA_SMI = ["nvidia-smi", "--query-gpu=name,memory.total,memory.free,driver_version,compute_cap",
+              "--format=csv,noheader,nounits"]
+
+
+def _smi_rows(text: str | None) -> list[list[str]]:
+    return [[f.strip() for f in line.split(",")] for line in (text or "").splitlines() if line.count(",") >= 4]
+
+
+_PRELOADED = False
+
+
+def _preload_cuda_libraries() -> None:
+    """onnxruntime-gpu (1.21 and later) loads CUDA and cuDNN from the nvidia-* pip packages, or from
+    PyTorch's, only when asked: without this its CUDA provider fails to start unless the libraries are
+    on the system's search path. Once per process; older builds have no such call."""
+    global _PRELOADED
+    if _PRELOADED:
+        return
+    _PRELOADED = True
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as e:  # a missing package is reported by the session that then fails to start
+            log.debug("onnxruntime.preload_dlls() failed: %s", first_line(e))
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)  # nvidia-ml-py < 11.515 gives bytes
 
@@ -114,15 +151,16 @@ def _text(value) -> str:
 class CudaBackend(OrtProviderBackend):
     """Probe inputs, each injectable: `available_providers()`; `nvml()` returns the pynvml module (raises
     ImportError without nvidia-ml-py); `tensorrt` (None: read EDGEDIFF_TENSORRT); `environ` (for
-    CUDA_VISIBLE_DEVICES); `installed(distribution) -> bool`."""
+    CUDA_VISIBLE_DEVICES); `installed(distribution) -> bool`; `run(args) -> stdout | None` (nvidia-smi)."""
 
     def __init__(self, available_providers=None, nvml=None, tensorrt: bool | None = None, environ=None,
-                 installed=None, device_id: int = 0):
+                 installed=None, device_id: int = 0, run=None):
         super().__init__("cuda", (CUDA,), MISSING, available_providers)
         self._nvml = nvml or _import_pynvml
         self._tensorrt = tensorrt
         self._environ = os.environ if environ is None else environ
         self._installed = installed or _installed
+        self._run = run or host.run_command
         self.device_id = device_id
 
     def _nvml_index(self) -> int:
@@ -148,9 +186,7 @@ class CudaBackend(OrtProviderBackend):
         try:
             nvml = self._nvml()
         except ImportError:
-            return Device(self.name, f"CUDA device {self.device_id}", providers, device_id=self.device_id,
-                          notes=tuple(notes) + ("memory unknown: nvidia-ml-py is not installed "
-                                                "(pip install nvidia-ml-py)",))
+            return self._probe_smi(providers, notes)
         try:
             nvml.nvmlInit()
         except Exception as e:  # pynvml.NVMLError_LibraryNotFound, _DriverNotLoaded, ...
@@ -177,9 +213,35 @@ class CudaBackend(OrtProviderBackend):
             except Exception:
                 pass
 
+    def _probe_smi(self, providers: tuple, notes: list) -> Device | Unavailable:
+        """The GPU as nvidia-smi reports it, where nvidia-ml-py is not installed."""
+        rows = _smi_rows(self._run(NVIDIA_SMI))
+        index = self._nvml_index()  # nvidia-smi numbers GPUs as NVML does
+        if not rows:
+            return Unavailable(self.name, "CUDA provider present but no NVIDIA GPU found: nvidia-ml-py is not "
+                                          "installed and nvidia-smi is missing or failed (install the NVIDIA "
+                                          "driver; pip install nvidia-ml-py)")
+        if index >= len(rows):
+            return Unavailable(self.name, f"CUDA provider present but nvidia-smi lists {len(rows)} NVIDIA GPU(s), "
+                                          f"so there is no device {index}")
+        name, total, free, driver, capability = rows[index][:5]
+        try:
+            total_b, free_b = int(float(total) * MiB), int(float(free) * MiB)
+        except ValueError:
+            total_b = free_b = None
+            notes = notes + ["memory unknown: nvidia-smi did not report it (pip install nvidia-ml-py)"]
+        try:
+            cc = tuple(int(v) for v in capability.split(".")[:2])
+        except ValueError:  # drivers before 510 answer "[Not Supported]"
+            cc = None
+        return Device(self.name, name, providers, total_memory=total_b, free_memory=free_b,
+                      fp16=cc is not None and cc >= FP16_FAST_FROM, driver=f"NVIDIA driver {driver}",
+                      device_id=self.device_id, compute_capability=cc, notes=tuple(notes))
+
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None) -> OrtSession:
-        return OrtSession(path, spec, providers_for(device, path, memory_limit, overrides), session_options(),
+             overrides: Overrides | None = None, dtype: str = "fp32") -> OrtSession:
+        _preload_cuda_libraries()
+        return OrtSession(path, spec, providers_for(device, path, memory_limit, overrides, dtype), session_options(),
                           require=CUDA, bind_device=("cuda", device.device_id), overrides=overrides)
 
 
