@@ -193,14 +193,18 @@ def _build(python: Path, shared: Path, locked: bool = True) -> None:
 _PROBE = """
 import importlib.metadata as m, importlib.util as u, json, os
 out = {}
-for module, dist in (("torch", "torch"), ("optimum", "optimum-onnx"), ("transformers", "transformers"),
-                     ("diffusers", "diffusers"), ("onnxruntime", "onnxruntime")):
+# onnxruntime's module comes from one of several distributions (the CPU build, onnxruntime-gpu, ...)
+for module, dists in (("torch", ("torch",)), ("optimum", ("optimum-onnx",)), ("transformers", ("transformers",)),
+                      ("diffusers", ("diffusers",)), ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))):
     spec = u.find_spec(module)
     if spec is None:
         continue
-    where = spec.origin or list(spec.submodule_search_locations)[0]
+    # a package's __init__.py is two levels below site-packages; a namespace package's folder (optimum) one
+    where = spec.origin or os.path.join(list(spec.submodule_search_locations)[0], "__init__.py")
+    folder = os.path.dirname(os.path.dirname(os.path.realpath(where)))
     # the distribution in the same folder as the module (the first on sys.path)
-    out[module] = [m.version(dist), os.path.dirname(os.path.dirname(os.path.realpath(where)))]
+    found = {d.metadata["Name"].lower(): d.version for d in m.distributions(path=[folder])}
+    out[module] = [next((found[d] for d in dists if d in found), None), folder]
 print(json.dumps(out))
 """
 

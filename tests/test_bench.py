@@ -59,7 +59,9 @@ def test_tiny_protocol_against_diffusers(tiny_report):
         ("tiny", "builtin", 64, 64, 2, "euler")
     assert p["overrides"] == ["steps"]  # a custom run says so
     machine = report["machine"]
-    assert machine["cores"] >= 1 and machine["ram_bytes"] > 0 and machine["versions"]["onnxruntime"]
+    # the CPU build or onnxruntime-gpu, whichever is installed
+    assert machine["cores"] >= 1 and machine["ram_bytes"] > 0 and \
+        (machine["versions"]["onnxruntime"] or machine["versions"]["onnxruntime-gpu"])
     assert isinstance(report["unet_flops_per_step"], int) and report["unet_flops_per_step"] > 0
 
     rows = {r["name"]: r for r in report["rows"]}
