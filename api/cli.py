@@ -123,9 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                         help="single files: override what the checkpoint's family implies")
     export.add_argument("--no-safety-checker", action="store_true", help="leave the safety checker out")
-    export.add_argument("--width", type=int, default=512, help="Core ML: the fixed image width")
-    export.add_argument("--height", type=int, default=512, help="Core ML: the fixed image height")
-    export.add_argument("--batch", type=int, default=1, help="Core ML: the fixed number of images per call")
+    export.add_argument("--sizes", default=None, metavar="WxH,...",
+                        help="Core ML: the image sizes the packages take (default: 512x512, or --width x --height)")
+    export.add_argument("--width", type=int, default=512, help="Core ML: the image width, when --sizes is not given")
+    export.add_argument("--height", type=int, default=512, help="Core ML: the image height, when --sizes is not given")
+    export.add_argument("--batch", type=int, default=1, help="Core ML: the most images per call")
     export.add_argument("--compute-units", default="ALL", choices=tuple(COMPUTE_UNITS),
                         help="Core ML: the compute units the packages are made for (default: %(default)s)")
     export.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
@@ -227,7 +229,7 @@ def _export(args) -> None:
                             slices=args.slices, safety_checker=not args.no_safety_checker, loras=loras)
     manifest = export_model(args.src, args.out, options, force=args.force, config=args.config,
                             prediction_type=args.prediction_type,
-                            coreml=dict(width=args.width, height=args.height, batch=args.batch,
+                            coreml=dict(sizes=_sizes(args), batch=args.batch,
                                         compute_units=args.compute_units) if coreml else None)
     print(f"{'component':15s} {'format':7s} {'dtype':5s} {'attention':12s} {'size':>10s}  parity vs PyTorch fp32")
     for c in manifest["components"].values():
@@ -235,6 +237,12 @@ def _export(args) -> None:
         print(f"{c['name']:15s} {c['format']:7s} {c['dtype']:5s} {c['attention']:12s} "
               f"{c['bytes'] / 2**20:6.1f} MiB  {psnr}, max abs diff {c['max_abs_diff']:.1e}")
     print(f"exported to {args.out} in {time.perf_counter() - start:.1f} s (manifest: {Path(args.out) / 'edgediff.json'})")
+
+
+def _sizes(args) -> list[tuple[int, int]]:
+    from .export.coreml_export import parse_sizes
+
+    return parse_sizes(args.sizes) if args.sizes is not None else [(args.width, args.height)]
 
 
 # A command's images are written as out-1.png ... out-N.png, each checked before the model loads: a

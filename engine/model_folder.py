@@ -1,4 +1,5 @@
-"""Reading an exported model folder (edgediff's or optimum's ONNX layout) into one frozen description.
+"""Reading an exported model folder (edgediff's or optimum's ONNX layout, or edgediff's Core ML packages)
+into one frozen description.
 
 Everything the pipeline needs to know about a model before loading any weights comes from here: the
 paths, the UNet's input channels and native size, the VAE's scale factors, the scheduler config. Each
@@ -18,6 +19,9 @@ from .families import Family, by_name, recognise
 from .schedulers.base import SchedulerConfig
 
 LATENT_CHANNELS = 4
+# Each component's artifact in its folder, by the export's format (the manifest's "format" says which)
+ARTIFACTS = {"onnx": "model.onnx", "coreml": "model.mlpackage"}
+FORMATS = {"edgediff-onnx": "onnx", "edgediff-coreml": "coreml"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class ModelInfo:
     # model_index.json's force_zeros_for_empty_prompt, else the family's: an unset negative prompt is
     # zero conditioning rather than the encoded ""
     zeros_for_empty_negative: bool = False
+    format: str = "onnx"  # "coreml": one .mlpackage per component, run by the coreml backend
+    # Core ML packages take the (width, height) sizes and up to the batch they were exported for; an
+    # ONNX folder takes any (empty, None)
+    sizes: tuple[tuple[int, int], ...] = ()
+    max_batch: int | None = None
 
     @property
     def native_size(self) -> int:
@@ -49,10 +58,22 @@ class ModelInfo:
         return self.unet_in_channels == 9
 
     def component(self, spec: ComponentSpec) -> Path:
-        return self.path / spec.onnx_path
+        return self.path / spec.name / ARTIFACTS[self.format]
 
     def has(self, spec: ComponentSpec) -> bool:
-        return self.component(spec).is_file()
+        return self.component(spec).exists()  # a Core ML package is a folder
+
+    def check_request(self, width: int, height: int, batch: int) -> None:
+        """One line when the exported artifacts cannot take this size or batch (Core ML packages take
+        the shapes they were exported for, and nothing else)."""
+        if self.sizes and (width, height) not in self.sizes:
+            have = [f"{w}x{h}" for w, h in self.sizes]
+            raise EdgediffError(f"{self.name}'s Core ML packages take {', '.join(have)} only, not {width}x{height}: "
+                                f"generate at one of those sizes, or export again with --sizes "
+                                f"{','.join(have)},{width}x{height}")
+        if self.max_batch is not None and batch > self.max_batch:
+            raise EdgediffError(f"{self.name}'s Core ML packages make at most {self.max_batch} image(s) a call, "
+                                f"not {batch}: generate fewer at a time, or export again with --batch {batch}")
 
     def dtype(self, name: str) -> str:
         """The dtype the component's graph was exported in ("fp32", "fp16", "int8"), as the manifest
@@ -72,12 +93,15 @@ def read_model_folder(path: str | Path) -> ModelInfo:
     unet, vae = _config(unet_file), _config(vae_file)
     manifest = _config(path / "edgediff.json")
     _check_manifest(path / "edgediff.json", manifest)
+    fmt = FORMATS.get(manifest.get("format"), "onnx")  # optimum's folders have no manifest: ONNX
+    sizes, max_batch = _coreml_shapes(path / "edgediff.json", manifest) if fmt == "coreml" else ((), None)
     # The export names the family; optimum's folders are recognised from their UNet's config.
     family = by_name(manifest["family"], str(path / "edgediff.json")) if "family" in manifest \
         else recognise(unet, str(unet_file))
     for spec in family.required:
-        if not (path / spec.onnx_path).is_file():
-            raise EdgediffError(f"model folder {path} has no {spec.onnx_path}, which a {family.title} model "
+        artifact = f"{spec.name}/{ARTIFACTS[fmt]}"
+        if not (path / artifact).exists():
+            raise EdgediffError(f"model folder {path} has no {artifact}, which a {family.title} model "
                                 "needs; export the model again with `edgediff export`")
     for required in (*family.tokenizers, "scheduler/scheduler_config.json"):
         if not (path / required).exists():
@@ -113,7 +137,21 @@ def read_model_folder(path: str | Path) -> ModelInfo:
         scheduler_class=str(scheduler_raw.get("_class_name", "")),
         export_manifest=manifest,
         zeros_for_empty_negative=zeros,
+        format=fmt,
+        sizes=sizes,
+        max_batch=max_batch,
     )
+
+
+def _coreml_shapes(file: Path, manifest: dict) -> tuple[tuple[tuple[int, int], ...], int]:
+    """The sizes and batch a Core ML export was made for (export/coreml_export.py writes them)."""
+    sizes, batch = manifest.get("sizes"), manifest.get("batch")
+    ok = isinstance(sizes, list) and sizes and all(
+        isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s) for s in sizes)
+    if not ok or not isinstance(batch, int) or batch < 1:
+        raise EdgediffError(f"{file} does not say which sizes and batch its Core ML packages take (an export made "
+                            "before flexible shapes); export the model again with `edgediff export --format coreml`")
+    return tuple((w, h) for w, h in sizes), batch
 
 
 def scale_factor(block_out_channels) -> int:

@@ -129,7 +129,7 @@ class Pipeline:
         `loras`: [(file or name in `lora_dir`, weight), ...] applied at load time (see `set_loras`);
         `embeddings`: textual-inversion files, each triggered by its file's name in a prompt, and every
         .safetensors file in `embedding_dir`. `lora_dir` is where a prompt's <lora:name:weight> looks."""
-        from ..backends import REGISTRY, select
+        from ..backends import REGISTRY
 
         if not isinstance(backend, str):
             raise EdgediffTypeError(f"backend must be a backend's name (auto, {', '.join(REGISTRY)}), not "
@@ -143,7 +143,7 @@ class Pipeline:
 
             path = ensure_exported(path)
         model = read_model_folder(path)
-        chosen, device = select(backend)
+        chosen, device = _backend_for(model, backend)
         tokenizers = tuple(ClipTokenizer.from_folder(model.path / t) for t in model.family.tokenizers)
         pipe = cls(model, chosen, device, tokenizers, safety_checker, memory_budget, lora_dir)
         files = list(embeddings or [])
@@ -181,7 +181,10 @@ class Pipeline:
         the ones applied before; [] removes them all. Each weight becomes W + sum(weight * up @ down *
         alpha / rank) in fp32, cast to the export's dtype; only components whose weights change get new
         sessions. A file that cannot be applied raises one line, and the previous set stays."""
-        chosen = tuple((self._lora(ref), weight) for ref, weight in adapters.lora_list(loras))
+        asked = adapters.lora_list(loras)
+        if asked:
+            self._adapter_targets("LoRAs")  # the model can take them at all, before any file is read
+        chosen = tuple((self._lora(ref), weight) for ref, weight in asked)
         self._apply(chosen)
         self.loras = chosen
 
@@ -209,6 +212,9 @@ class Pipeline:
         if self._targets is None:
             targets = adapters.Targets.of_folder(self.model.path, self.model.family)
             self._targets = targets
+        if self.model.format == "coreml":
+            raise EdgediffError(f"{self.model.path} holds Core ML packages, which cannot change their weights when "
+                                f"loaded; bake {what} in with `edgediff export SRC --format coreml --lora FILE:WEIGHT`")
         if not self._targets.weights:
             raise EdgediffError(f"{self.model.path} records no weight map, which {what} need (optimum's folders, "
                                 "and edgediff's exports made before LoRA support, have none); export the model "
@@ -287,7 +293,7 @@ class Pipeline:
         """The component's session, kept for later stages (the plan frees what it streams)."""
         if spec.name not in self._sessions:
             if not self.model.has(spec):
-                raise EdgediffError(f"{self.model.path} has no {spec.onnx_path}, which img2img and inpainting "
+                raise EdgediffError(f"{self.model.path} has no {spec.name}, which img2img and inpainting "
                                     "need; export the model again with `edgediff export`")
             self._sessions[spec.name] = self._open(spec, plan)
         return self._sessions[spec.name]
@@ -310,7 +316,9 @@ class Pipeline:
         if on_host:
             backend, device = select(next(name for name in REGISTRY if get_backend(name).host))
         limit = plan.session_limit(spec.name) if plan else None
-        session, backend, _ = open_with_fallback(path, spec, backend, device, limit,
+        # Core ML packages have no other backend to fall back to; ONNX graphs move to the next one
+        fallbacks = [] if self.model.format == "coreml" else None
+        session, backend, _ = open_with_fallback(path, spec, backend, device, limit, fallbacks=fallbacks,
                                                  overrides=self._overrides.get(spec.name), dtype=dtype)
         if backend is not self.backend and not on_host:
             self.moved[spec.name] = backend.name
@@ -451,6 +459,7 @@ class Pipeline:
         if model.is_inpainting and mask is None:
             raise EdgediffError(f"{model.name} is an inpainting model: give it an image and a mask")
         batch = len(prompts) * num_images_per_prompt
+        model.check_request(width, height, batch)
         seeds = _seeds(seed, batch)
         latent_shape = (LATENT_CHANNELS, height // model.vae_scale_factor, width // model.vae_scale_factor)
         if latents is not None:
@@ -683,6 +692,22 @@ class Pipeline:
         else:  # optimum's older exports sample inside the graph
             sample = np.repeat(next(iter(outputs.values())), len(seeds), axis=0)
         return (sample * np.float32(self.model.scaling_factor)).astype(np.float32)
+
+
+def _backend_for(model: ModelInfo, name: str):
+    """The backend and device a model runs on: the one asked for, or the best available. Core ML packages
+    run on the coreml backend alone: asked for another, or where coreml is unavailable, one line says so."""
+    from ..backends import get_backend, select
+
+    if model.format != "coreml":
+        return select(name)
+    found = get_backend("coreml").probe() if name in ("auto", "coreml") else None
+    if name not in ("auto", "coreml") or not hasattr(found, "compute_units") or not found.compute_units:
+        why = f"backend {name} was asked for" if name not in ("auto", "coreml") else \
+            getattr(found, "reason", None) or "coremltools cannot load packages here"
+        raise EdgediffError(f"{model.path} holds Core ML packages, which run on Apple Silicon with coremltools "
+                            f"(backend coreml), and {why}; export the model with --format onnx to run it here")
+    return get_backend("coreml"), found
 
 
 class _Lease:

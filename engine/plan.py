@@ -215,7 +215,8 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
     cost = backend_cost(device.backend)
     manifest = model.export_manifest
     attention, slices, needs_export = manifest.get("attention", "standard"), manifest.get("slices"), None
-    if sliced and attention not in ("sliced", "fused"):  # fused attention holds no score matrix either
+    # fused attention holds no score matrix either; Core ML packages cannot be re-made in another variant
+    if sliced and attention not in ("sliced", "fused") and getattr(model, "format", "onnx") == "onnx":
         # Slicing the queries in k parts divides the score matrices, the quadratic term, by k at the top
         # level (deeper levels have 4x fewer queries per level and fewer slices: export/attention.py).
         unet = parts["unet"]
@@ -378,15 +379,21 @@ def fallback_fit(name: str, weights: int) -> tuple[float, float, float]:
 
 
 def component_facts(model) -> dict[str, ComponentFacts]:
-    """Weights and activation profile of each exported component, from the manifest and the files."""
+    """Weights and activation profile of each exported component, from the manifest and the files: an
+    ONNX graph and its external data, or a Core ML package (a folder)."""
     manifest = model.export_manifest.get("components", {})  # checked and made a dict by read_model_folder
     facts = {}
     for folder in sorted(p for p in model.path.iterdir() if p.is_dir()):
-        files = list(folder.glob("model.onnx*"))
+        files = list(folder.glob("model.onnx*")) + [f for f in (folder / "model.mlpackage").rglob("*") if f.is_file()]
         if not files:
             continue
         weights = sum(p.stat().st_size for p in files)
-        fit = manifest.get(folder.name, {}).get("activations", {}).get("fit")
+        record = manifest.get(folder.name, {})
+        fit = record.get("activations", {}).get("fit")
+        if not fit and record.get("format") == "coreml":
+            # The packages carry no profile of their own (the ONNX export measures its graphs): SD 1.5's,
+            # for fp16 weights (twice the parameters per byte) and fp16 activations (half the bytes)
+            fit = [c / 2 for c in fallback_fit(folder.name, 2 * weights)]
         facts[folder.name] = ComponentFacts(weights, tuple(fit) if fit else fallback_fit(folder.name, weights),
-                                            manifest.get(folder.name, {}).get("extra", {}))
+                                            record.get("extra", {}))
     return facts

@@ -72,7 +72,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
                  force: bool = False, config: str | Path | None = None, prediction_type: str | None = None,
                  name: str | None = None, coreml: dict | None = None) -> dict:
     """Export any source to `out` and return the manifest (out/edgediff.json): ONNX in optimum's
-    layout, or Core ML packages when `coreml` gives their fixed shapes (width, height, batch, and
+    layout, or Core ML packages when `coreml` gives their shapes (sizes: [(width, height), ...], batch, and
     optionally compute_units)."""
     if coreml is not None and options.dtype != "fp16":
         raise EdgediffError("Core ML packages compute in fp16 (with fp32 inputs and outputs); "

@@ -253,7 +253,7 @@ def m1_memory():
     return 8 * GiB, 3 * GiB  # psutil's (total, available) on an 8 GB M1
 
 
-def m1(providers=("CoreMLExecutionProvider", CPU), coremltools=True, version="14.4.1", **kwargs):
+def m1(providers=("CoreMLExecutionProvider", CPU), coremltools=True, version="15.1", **kwargs):
     return CoreMLBackend(available_providers=lambda: list(providers), system=lambda: "Darwin",
                          machine=lambda: "arm64", mac_version=lambda: version, run=kwargs.pop("run", mac()),
                          memory=kwargs.pop("memory", m1_memory),
@@ -263,13 +263,13 @@ def m1(providers=("CoreMLExecutionProvider", CPU), coremltools=True, version="14
 def test_apple_m1_with_8gb_unified_memory():
     device = m1().probe()
     assert (device.name, device.total_memory, device.unified_memory, device.fp16, device.driver) == (
-        "Apple M1", 8 * GiB, True, True, "macOS 14.4.1")
+        "Apple M1", 8 * GiB, True, True, "macOS 15.1")
     assert device.free_memory == 3 * GiB and not device.notes
     assert device.providers == ("CoreMLExecutionProvider", CPU)
     assert device.compute_units == ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
-    # macOS 12: ONNX through ORT's provider still runs; the packages (macOS 13 target) do not
-    old = m1(version="12.7.4").probe()
-    assert old.compute_units == () and "macOS 13" in old.notes[0]
+    # macOS 14: ONNX through ORT's provider still runs; the packages (macOS 15 target) do not
+    old = m1(version="14.4.1").probe()
+    assert old.compute_units == () and "macOS 15" in old.notes[0]
     unknown = m1(memory=lambda: (8 * GiB, None)).probe()
     assert unknown.free_memory is None and unknown.total_memory == 8 * GiB and "free memory unknown" in unknown.notes[0]
 
@@ -288,7 +288,7 @@ def test_coreml_unavailable_reasons():
     intel = CoreMLBackend(system=lambda: "Darwin", machine=lambda: "x86_64", run=mac()).probe()
     assert intel.reason == "not on macOS with Apple Silicon (this is macOS x86_64)"
     bare = m1(providers=(CPU,), coremltools=False).probe()
-    assert bare.reason.startswith("macOS 14.4.1 on Apple Silicon, but this onnxruntime build has no CoreML")
+    assert bare.reason.startswith("macOS 15.1 on Apple Silicon, but this onnxruntime build has no CoreML")
 
 
 def pc_memory():
@@ -476,7 +476,7 @@ def test_coreml_backend_picks_the_artifact_it_can_run(tmp_path):
     folder = tmp_path / "text_encoder"
     (folder / "model.mlpackage").mkdir(parents=True)
     packages_only = Device("coreml", "Apple M1", (), compute_units=())
-    with pytest.raises(EdgediffError, match="needs coremltools on macOS 13"):
+    with pytest.raises(EdgediffError, match="needs coremltools on macOS 15"):
         m1().open(folder / "model.onnx", TEXT_ENCODER, packages_only)
     # no coremltools but ORT's CoreML provider: the ONNX file is what it needs, and it is missing here
     with pytest.raises(EdgediffError, match="model.onnx is missing"):

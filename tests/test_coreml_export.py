@@ -1,10 +1,13 @@
-"""Core ML export of the tiny models (sd1, sd2, inpaint) at 64x64.
+"""Core ML: the export of the tiny models, and a Core ML folder read, planned and run by the pipeline.
 
-What is checked: each package's spec (an fp16 mlprogram for macOS 13 / iOS 16, the ONNX export's tensor
-names, static shapes, fp32 I/O, the compute units in its metadata), the folder and manifest, and the
-torch program that was converted against diffusers' own module on the same inputs.
+What is checked: each package's spec (an fp16 mlprogram for macOS 15 / iOS 18, the ONNX export's tensor
+names, the enumerated shapes of every size and batch, fp32 I/O, the compute units in its metadata), the
+folder and manifest, the torch program that was converted against diffusers' own module on every shape,
+and the pipeline on every plan rung through the Core ML backend and session up to MLModel.predict. There
+a stand-in checks each call against the package's own spec, read with coremltools, and computes it with
+the ONNX export of the same model.
 What is not run here: the packages themselves. Core ML predicts only on macOS; on Linux coremltools
-converts and saves but has no runtime for an mlprogram.
+converts and saves but has no runtime for an mlprogram (README: what needs a Mac).
 """
 
 from __future__ import annotations
@@ -14,50 +17,54 @@ import json
 import numpy as np
 import pytest
 
-from edgediff.builtin.random_model import TinySpec, build_random_model
+from edgediff.cli import main
 from edgediff.engine.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from edgediff.engine.errors import EdgediffError
 
 ct = pytest.importorskip("coremltools")
 from coremltools.proto import MIL_pb2  # noqa: E402
+from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType  # noqa: E402
 
-from edgediff.export.coreml_export import coreml_shapes, export_coreml  # noqa: E402
+from edgediff.export.coreml_export import export_coreml  # noqa: E402
 
 pytestmark = pytest.mark.slow  # Core ML conversion of every component
 
-SIZE = 64
+SIZES = "64x64,320x256"  # 320 > the plan's 256 px tile: the tiled rungs cut the VAE's work in tiles
 HIDDEN = 32  # TinySpec.text_width: CLIP's width = the UNet's cross-attention width
 SPECS = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}
-# name -> (inputs, outputs) as (name, shape, dtype) for a 64x64 export of batch 1
+# The sd1 export is for up to 2 images a call: text rows and UNet rows b or 2b for b in 1, 2
+ROWS = (1, 2, 4)
+LATENTS = ((8, 8), (32, 40))  # (h, w) of 64x64 and 320x256
+# component -> {input: (dtype, the shapes it takes)}, written out from the sizes and the batch
 EXPECTED = {
-    "text_encoder": ([("input_ids", [2, 77], "INT32")],  # Core ML has no int64 arrays
-                     [("last_hidden_state", [2, 77, HIDDEN], "FLOAT32"),
-                      ("pooler_output", [2, HIDDEN], "FLOAT32")]),
-    "unet": ([("sample", [2, 4, 8, 8], "FLOAT32"), ("timestep", [2], "FLOAT32"),
-              ("encoder_hidden_states", [2, 77, HIDDEN], "FLOAT32")],
-             [("out_sample", [2, 4, 8, 8], "FLOAT32")]),
-    "vae_encoder": ([("sample", [1, 3, 64, 64], "FLOAT32")],
-                    [("latent_parameters", [1, 8, 8, 8], "FLOAT32")]),
-    "vae_decoder": ([("latent_sample", [1, 4, 8, 8], "FLOAT32")], [("sample", [1, 3, 64, 64], "FLOAT32")]),
+    "text_encoder": {"input_ids": ("INT32", {(b, 77) for b in ROWS})},  # Core ML has no int64 arrays
+    "unet": {"sample": ("FLOAT32", {(b, 4, h, w) for b in ROWS for h, w in LATENTS}),
+             "timestep": ("FLOAT32", {(b,) for b in ROWS}),
+             "encoder_hidden_states": ("FLOAT32", {(b, 77, HIDDEN) for b in ROWS})},
+    # whole, and the 256 px tiles the tiled rungs encode and decode in
+    "vae_encoder": {"sample": ("FLOAT32", {(1, 3, 64, 64), (1, 3, 256, 320), (1, 3, 256, 256)})},
+    "vae_decoder": {"latent_sample": ("FLOAT32", {(1, 4, 8, 8), (1, 4, 32, 40), (1, 4, 32, 32)})},
 }
+OUTPUTS = {"text_encoder": ["last_hidden_state", "pooler_output"], "unet": ["out_sample"],
+           "vae_encoder": ["latent_parameters"], "vae_decoder": ["sample"]}
 
 
 class Exports:
-    """Each tiny model converted once for the module: sd1 whole (standard attention), the sd2 text
-    encoder and UNet with split-einsum, the inpainting UNet. A full export of one kind takes about 15 s
-    on a shared 2-core CPU, so the other kinds convert only the parts where they differ."""
+    """Each tiny model converted once for the module: sd1 whole (standard attention, two sizes, up to two
+    images a call) through the command line, the sd2 text encoder and UNet with split-einsum, the
+    inpainting UNet. sd1 is the tiny model the `tiny` fixture exported to ONNX: the same weights."""
 
-    def __init__(self, root):
+    def __init__(self, root, tiny):
         self.root = root
-        self.src = {kind: build_random_model(root / kind, TinySpec(kind=kind, seed=1))
-                    for kind in ("sd1", "sd2", "inpaint")}
+        self.src = {kind: tiny(kind)[0] for kind in ("sd1", "sd2", "inpaint")}
+        self.onnx = tiny("sd1")[1]
+        code = main(["export", str(self.src["sd1"]), "--out", str(self.out("sd1")), "--format", "coreml",
+                     "--sizes", SIZES, "--batch", "2", "--compute-units", "CPU_AND_NE"])
+        assert code == 0
         self.reports = {
-            "sd1": export_coreml(self.src["sd1"], root / "sd1-coreml", SIZE, SIZE,
-                                 compute_units="CPU_AND_NE"),
-            "sd2": export_coreml(self.src["sd2"], root / "sd2-coreml", SIZE, SIZE, attention="split-einsum",
+            "sd2": export_coreml(self.src["sd2"], self.out("sd2"), [(64, 64)], attention="split-einsum",
                                  components=("text_encoder", "unet")),
-            "inpaint": export_coreml(self.src["inpaint"], root / "inpaint-coreml", SIZE, SIZE,
-                                     components=("unet",)),
+            "inpaint": export_coreml(self.src["inpaint"], self.out("inpaint"), [(64, 64)], components=("unet",)),
         }
 
     def out(self, kind):
@@ -67,23 +74,31 @@ class Exports:
         return ct.utils.load_spec(str(self.out(kind) / component / "model.mlpackage"))
 
     def report(self, kind, component):
-        return next(r for r in self.reports[kind] if r.name == component)
+        if kind == "sd1":
+            return json.loads((self.out("sd1") / "edgediff.json").read_text())["components"][component]
+        return vars(next(r for r in self.reports[kind] if r.name == component))
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> Exports:
-    return Exports(tmp_path_factory.mktemp("coreml"))
+def exports(tmp_path_factory, tiny) -> Exports:
+    return Exports(tmp_path_factory.mktemp("coreml"), tiny)
 
 
-def _io(features):
-    return [(f.name, list(f.type.multiArrayType.shape),
-             ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(f.type.multiArrayType.dataType))
-            for f in features]
+def _takes(array) -> set[tuple[int, ...]]:
+    """The shapes a package input takes, read from its spec."""
+    if array.WhichOneof("ShapeFlexibility") == "enumeratedShapes":
+        return {tuple(s.shape) for s in array.enumeratedShapes.shapes}
+    return {tuple(array.shape)}
+
+
+def _inputs(spec) -> dict[str, tuple[str, set]]:
+    return {f.name: (ArrayFeatureType.ArrayDataType.Name(f.type.multiArrayType.dataType),
+                     _takes(f.type.multiArrayType)) for f in spec.description.input}
 
 
 def _ops(spec):
-    main = spec.mlProgram.functions["main"]
-    return list(main.block_specializations[main.opset].operations)
+    main_ = spec.mlProgram.functions["main"]
+    return list(main_.block_specializations[main_.opset].operations)
 
 
 def _dtype(op):
@@ -91,41 +106,45 @@ def _dtype(op):
 
 
 @pytest.mark.parametrize("component", list(EXPECTED))
-def test_sd1_packages_are_fp16_mlprograms_with_the_onnx_names(exports, component):
+def test_sd1_packages_are_fp16_mlprograms_that_take_every_size_and_batch(exports, component):
     spec = exports.spec("sd1", component)
     assert spec.WhichOneof("Type") == "mlProgram"
-    assert spec.specificationVersion == 7  # Core ML 6: macOS 13 / iOS 16
-    inputs, outputs = EXPECTED[component]
-    assert _io(spec.description.input) == inputs
-    assert _io(spec.description.output) == outputs
+    assert spec.specificationVersion == 9  # Core ML 8: macOS 15 / iOS 18, several enumerated inputs
+    assert _inputs(spec) == EXPECTED[component]
     # the names are engine/components.py's, in its order, as the ONNX export writes them
-    assert [n for n, _, _ in inputs] == [t.name for t in SPECS[component].inputs]
-    assert [n for n, _, _ in outputs] == [t.name for t in SPECS[component].outputs]
+    assert [f.name for f in spec.description.input] == [t.name for t in SPECS[component].inputs]
+    assert [f.name for f in spec.description.output] == [t.name for t in SPECS[component].outputs]
+    assert {ArrayFeatureType.ArrayDataType.Name(f.type.multiArrayType.dataType)
+            for f in spec.description.output} == {"FLOAT32"}
     meta = dict(spec.description.metadata.userDefined)
     assert meta["com.edgediff.compute_units"] == "CPU_AND_NE"
     assert meta["com.edgediff.component"] == component
     assert meta["com.edgediff.attention"] == "standard"
     assert meta["com.edgediff.compute_precision"] == "fp16"
-    # fp16 compute: every op with weights computes in fp16; fp32 remains only in the casts at the edges
-    # and, in the UNet, the timestep sinusoids (export/coreml_export.py: _Fp16Selector).
+    # fp16 compute: every op with weights computes in fp16; in the UNet the timestep sinusoids and the
+    # ops they are computed from (the timestep tiled to the batch, ...) stay fp32 (coreml_export._Fp16Selector)
     ops = [op for op in _ops(spec) if op.type != "const"]
-    heavy = [op for op in ops if op.type in ("conv", "linear", "matmul", "gather")]
+    # (the gathers of token embeddings; the others read the dynamic axes' sizes, integers)
+    heavy = [op for op in ops if op.type in ("conv", "linear", "matmul")
+             or (op.type == "gather" and _dtype(op).startswith("FLOAT"))]
     assert heavy and all(_dtype(op) == "FLOAT16" for op in heavy)
-    fp32 = sorted(op.type for op in ops if _dtype(op) == "FLOAT32" and op.type != "cast")
-    assert fp32 == (["cos", "expand_dims", "mul", "sin"] if component == "unet" else [])
+    fp32 = {op.type for op in ops if _dtype(op) == "FLOAT32" and op.type != "cast"}
+    assert fp32 == ({"cos", "expand_dims", "mul", "sin", "tile"} if component == "unet" else set())
     report = exports.report("sd1", component)
-    assert report.format == "coreml" and report.dtype == "fp16"
-    assert report.extra["compute_units"] == "CPU_AND_NE"
-    assert [(i["name"], i["shape"], i["dtype"].upper()) for i in report.inputs] == inputs
-    assert [(o["name"], o["shape"], o["dtype"].upper()) for o in report.outputs] == outputs
+    assert report["format"] == "coreml" and report["dtype"] == "fp16"
+    assert report["extra"]["compute_units"] == "CPU_AND_NE"
+    assert {i["name"]: {tuple(s) for s in i.get("shapes", [i["shape"]])} for i in report["inputs"]} == \
+        {name: shapes for name, (_, shapes) in EXPECTED[component].items()}
 
 
 @pytest.mark.parametrize("component", list(EXPECTED))
-def test_converted_torch_program_equals_diffusers(exports, component):
-    # The exporter runs the program it converts and diffusers' module on the same sample inputs.
+def test_converted_torch_program_equals_diffusers_on_every_shape(exports, component):
+    # The exporter runs the program it converts and diffusers' module on the same inputs, every shape.
     report = exports.report("sd1", component)
-    assert report.max_abs_diff < 1e-6
-    assert report.psnr is None or report.psnr > 120
+    shapes = max(len(s) for _, s in EXPECTED[component].values())
+    assert report["extra"]["shapes_checked"] == (len(ROWS) * len(LATENTS) if component == "unet" else shapes)
+    assert report["max_abs_diff"] < 1e-5
+    assert report["psnr"] is None or report["psnr"] > 100
 
 
 def test_sd1_folder_and_manifest(exports):
@@ -138,25 +157,175 @@ def test_sd1_folder_and_manifest(exports):
     assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
     manifest = json.loads((out / "edgediff.json").read_text())
     assert manifest["format"] == "edgediff-coreml"
-    assert (manifest["width"], manifest["height"], manifest["batch"]) == (SIZE, SIZE, 1)
+    assert manifest["sizes"] == [[64, 64], [320, 256]] and manifest["batch"] == 2
     assert manifest["compute_units"] == "CPU_AND_NE" and manifest["dtype"] == "fp16"
-    assert manifest["shapes"]["unet"]["sample"] == [2, 4, 8, 8]
+    assert manifest["minimum_deployment_target"] == "macOS15"
+    # the k-th shapes of a component's inputs are one call: the UNet's agree on the batch
+    unet = manifest["shapes"]["unet"]
+    assert [s[0] for s in unet["sample"]] == [t[0] for t in unet["timestep"]] == \
+        [e[0] for e in unet["encoder_hidden_states"]]
     assert sorted(manifest["components"]) == sorted(EXPECTED)
+
+
+def test_the_folder_is_read_and_planned_from_its_own_facts(exports):
+    from edgediff.backends.base import Device
+    from edgediff.engine.model_folder import read_model_folder
+    from edgediff.engine.plan import RUNGS, Request, _plan, component_facts, make_plan
+
+    model = read_model_folder(exports.out("sd1"))
+    assert (model.format, model.sizes, model.max_batch) == ("coreml", ((64, 64), (320, 256)), 2)
+    assert model.component(UNET) == exports.out("sd1") / "unet" / "model.mlpackage" and model.has(UNET)
+    assert model.dtype("unet") == "fp16"
+    facts = component_facts(model)
+    assert sorted(facts) == sorted(EXPECTED)
+    for name, found in facts.items():  # weights: the package's bytes; activations: SD 1.5's profile, scaled
+        package = exports.out("sd1") / name / "model.mlpackage"
+        assert found.weights == sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+        assert found.activations(1, 32, 40) > 0
+    m1 = Device("coreml", "Apple M1", (), 8 * 2**30, 6 * 2**30, unified_memory=True, fp16=True,
+                compute_units=("ALL",))
+    request = Request(320, 256, 2)
+    plan = make_plan(model, request, m1)
+    assert plan.backend == "coreml" and plan.dtype == "fp16" and plan.rung == "resident"
+    # no rung asks for an export the packages cannot become (sliced attention is an ONNX variant)
+    for rung in RUNGS:
+        assert _plan(model, facts, request, m1, 8 * 2**30, *rung).needs_export is None
+
+
+class OnnxBehindPackage:
+    """coremltools' MLModel for one package, as the session uses it: `get_spec()` is the package's own
+    spec (read with coremltools); `predict` checks each call against that spec (names, dtypes, one of
+    its shapes), records it, and computes the outputs with the ONNX export of the same model."""
+
+    def __init__(self, package, onnx_folder, calls: list, wrong: list):
+        import onnxruntime as ort
+
+        self.component = package.parent.name
+        self.spec = ct.utils.load_spec(str(package))
+        self.session = ort.InferenceSession(str(onnx_folder / self.component / "model.onnx"),
+                                            providers=["CPUExecutionProvider"])
+        self.calls, self.wrong = calls, wrong
+
+    def get_spec(self):
+        return self.spec
+
+    def predict(self, feeds):
+        takes = _inputs(self.spec)
+        if set(feeds) != set(takes):
+            self.wrong.append((self.component, sorted(feeds)))
+        for name, value in feeds.items():
+            dtype, shapes = takes[name]
+            if value.dtype != {"FLOAT32": np.float32, "INT32": np.int32}[dtype] or value.shape not in shapes:
+                self.wrong.append((self.component, name, value.dtype, value.shape))
+            self.calls.append((self.component, name, value.shape))
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        out = self.session.run(None, {n: v.astype(np.int64) if types[n] == "tensor(int64)" else v
+                                      for n, v in feeds.items()})
+        return {o.name: v for o, v in zip(self.session.get_outputs(), out)}
+
+
+@pytest.fixture
+def on_a_mac(exports, monkeypatch):
+    """The registry's coreml backend as on an M1 with macOS 15 and coremltools, its packages loaded as
+    OnnxBehindPackage. Yields (calls, wrong)."""
+    from edgediff.backends import coreml
+
+    calls, wrong = [], []
+    backend = coreml.CoreMLBackend(
+        available_providers=lambda: ["CPUExecutionProvider"], system=lambda: "Darwin", machine=lambda: "arm64",
+        mac_version=lambda: "15.1", run=lambda args: "Apple M1\n", memory=lambda: (16 * 2**30, 12 * 2**30),
+        has_coremltools=lambda: True,
+        load_model=lambda path, units: OnnxBehindPackage(path, exports.onnx, calls, wrong),
+        read_spec=lambda path: ct.utils.load_spec(str(path)))
+    monkeypatch.setattr(coreml, "BACKEND", backend)
+    return calls, wrong
+
+
+def test_every_plan_rung_runs_through_the_core_ml_session_with_the_packages_shapes(exports, on_a_mac):
+    """Text to image (two prompts), image to image (one prompt, two images) and guidance 1, at 320x256
+    on every rung of the plan, and once at 64x64: every call the pipeline makes reaches predict with a
+    shape and dtype the package's spec takes, every shape the packages take is used, and the pictures
+    are the ONNX pipeline's on the same rung (the same graphs compute behind the stand-in)."""
+    from PIL import Image
+
+    from edgediff import Pipeline
+    from edgediff.engine.plan import RUNGS, Request, _plan, component_facts
+
+    calls, wrong = on_a_mac
+    pipe = Pipeline.from_pretrained(exports.out("sd1"), backend="auto", safety_checker=False)
+    assert pipe.backend.name == "coreml" and pipe.model.format == "coreml"
+    onnx = Pipeline.from_pretrained(exports.onnx, backend="cpu", safety_checker=False)
+    init = Image.new("RGB", (320, 256), (200, 40, 40))
+    runs = [  # (request, call)
+        (Request(320, 256, 2), dict(prompt=["a red circle", "a blue square"])),
+        (Request(320, 256, 2, img2img=True), dict(prompt="a red circle", num_images_per_prompt=2, image=init,
+                                                  strength=0.5)),
+        (Request(320, 256, 1, cfg=False), dict(prompt="a red circle", guidance_scale=1.0)),
+    ]
+    facts, onnx_facts = component_facts(pipe.model), component_facts(onnx.model)
+    rungs = []
+    for rung in RUNGS:
+        for request, call in runs:
+            plan = _plan(pipe.model, facts, request, pipe.device, 64 * 2**30, *rung)
+            # the ONNX pipeline on the same rung: blended tiles of the whole decoder, as the packages
+            # (its split decoder would decode differently), and no sliced variant to export
+            same = next(r for r in RUNGS if r[0] == ("streamed-lean" if rung[0] == "lowest" else rung[0]))
+            reference = _plan(onnx.model, onnx_facts, request, onnx.device, 64 * 2**30, *same, False)
+            args = dict(width=320, height=256, num_inference_steps=2, seed=3, **call)
+            got, want = pipe(plan=plan, **args), onnx(plan=reference, **args)
+            assert [np.asarray(im).tolist() for im in got.images] == [np.asarray(im).tolist() for im in want.images]
+            rungs.append((plan.rung, plan.cfg_batched, plan.vae_tile))
+    one = (Request(64, 64, 1), dict(prompt="a red circle"))  # guidance batched for one image: 2 rows
+    for request, call in runs + [one]:  # and at the other size, on the plan the pipeline makes
+        got = pipe(width=64, height=64, num_inference_steps=2, seed=3,
+                   **{**call, "image": init.resize((64, 64))} if "image" in call else call)
+        assert got.plan.rung == "resident" and len(got.images) == request.batch
+    assert wrong == []
+    # every rung kind ran: batched and sequential guidance, whole and tiled VAE
+    assert {(cfg, tile) for _, cfg, tile in rungs} == {(True, None), (False, None), (True, 256), (False, 256)}
+    used: dict[str, dict[str, set]] = {}
+    for component, name, shape in calls:
+        used.setdefault(component, {}).setdefault(name, set()).add(shape)
+    assert used == {c: {n: shapes for n, (_, shapes) in inputs.items()} for c, inputs in EXPECTED.items()}
+
+
+def test_what_the_packages_cannot_take_is_refused_in_one_line(exports, on_a_mac, monkeypatch):
+    from edgediff import Pipeline
+
+    pipe = Pipeline.from_pretrained(exports.out("sd1"), backend="coreml", safety_checker=False)
+    with pytest.raises(EdgediffError, match=r"take 64x64, 320x256 only, not 128x128: generate at one of those "
+                                            r"sizes, or export again with --sizes 64x64,320x256,128x128$"):
+        pipe("a cat", width=128, height=128, num_inference_steps=2)
+    with pytest.raises(EdgediffError, match="make at most 2 image\\(s\\) a call, not 3"):
+        pipe("a cat", width=64, height=64, num_inference_steps=2, num_images_per_prompt=3)
+    with pytest.raises(EdgediffError, match="cannot change their weights when loaded; bake LoRAs in"):
+        pipe.set_loras([("x.safetensors", 1.0)])
+    on_a_mac[1].clear()
+    # off the Mac (the real probe here), and on another backend: one line, not a broken ONNX session
+    from edgediff.backends import coreml
+
+    monkeypatch.setattr(coreml, "BACKEND", coreml.CoreMLBackend(system=lambda: "Linux", machine=lambda: "x86_64"))
+    for backend, why in (("auto", "not on macOS with Apple Silicon"), ("cpu", "backend cpu was asked for")):
+        with pytest.raises(EdgediffError, match=f"holds Core ML packages, which run on Apple Silicon .*{why}.*"
+                                                "export the model with --format onnx"):
+            Pipeline.from_pretrained(exports.out("sd1"), backend=backend)
 
 
 def test_sd2_split_einsum(exports):
     for component in ("text_encoder", "unet"):
-        inputs, outputs = EXPECTED[component]
         spec = exports.spec("sd2", component)
-        assert _io(spec.description.input) == inputs and _io(spec.description.output) == outputs
+        assert _inputs(spec) == {  # one size, one image a call: batches 1 and 2
+            "text_encoder": {"input_ids": ("INT32", {(1, 77), (2, 77)})},
+            "unet": {"sample": ("FLOAT32", {(1, 4, 8, 8), (2, 4, 8, 8)}), "timestep": ("FLOAT32", {(1,), (2,)}),
+                     "encoder_hidden_states": ("FLOAT32", {(1, 77, HIDDEN), (2, 77, HIDDEN)})}}[component]
         meta = dict(spec.description.metadata.userDefined)
         assert meta["com.edgediff.compute_units"] == "ALL"
         assert meta["com.edgediff.attention"] == ("split-einsum" if component == "unet" else "standard")
     # Split-einsum changes only the order of the sums: the converted program against diffusers' standard
     # attention, on the same inputs.
     report = exports.report("sd2", "unet")
-    assert report.attention == "split-einsum"
-    assert 0 < report.max_abs_diff < 1e-4
+    assert report["attention"] == "split-einsum"
+    assert 0 < report["max_abs_diff"] < 1e-4
     # one einsum per head becomes one matmul per head: sd2's tiny UNet has 2 and 4 heads per level
     assert sum(op.type == "matmul" for op in _ops(exports.spec("sd2", "unet"))) > \
         sum(op.type == "matmul" for op in _ops(exports.spec("sd1", "unet")))
@@ -164,10 +333,9 @@ def test_sd2_split_einsum(exports):
 
 
 def test_inpaint_unet_takes_nine_channels(exports):
-    spec = exports.spec("inpaint", "unet")
-    assert _io(spec.description.input)[0] == ("sample", [2, 9, 8, 8], "FLOAT32")
-    assert _io(spec.description.output) == [("out_sample", [2, 4, 8, 8], "FLOAT32")]
-    assert exports.report("inpaint", "unet").max_abs_diff < 1e-6
+    takes = _inputs(exports.spec("inpaint", "unet"))
+    assert takes["sample"] == ("FLOAT32", {(1, 9, 8, 8), (2, 9, 8, 8)})
+    assert exports.report("inpaint", "unet")["max_abs_diff"] < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
@@ -194,57 +362,20 @@ def test_split_einsum_matches_standard_attention(exports, kind):
             assert (run() - want).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("prompts, per_prompt", [
-    (["a red circle", "a blue square"], 1),
-    pytest.param(["a red circle"], 2, marks=pytest.mark.xfail(strict=True, reason=(
-        "the pipeline encodes each prompt once and repeats its embeddings for the prompt's images, so the "
-        "text encoder gets (2 x prompts, 77), while a package exported for batch B takes (2B, 77) only"))),
-])
-def test_shapes_follow_the_pipeline_calls(tiny, monkeypatch, prompts, per_prompt):
-    """The packages' static shapes are the ones the pipeline feeds: its calls, recorded through the ONNX
-    sessions of the same tiny model (text to image and image to image, two images a call, guidance on:
-    the plan a package's shapes are made for), against coreml_shapes for that request."""
-    from PIL import Image
-
-    from edgediff import Pipeline
-    from edgediff.backends.base import OrtSession
-
-    model = tiny("sd1")[1]  # exported before the recording starts: the export runs sessions too
-    fed: dict[str, dict[str, set]] = {}
-    run, keep = OrtSession.run, OrtSession.keep
-
-    def record(session, name, array):
-        fed.setdefault(session.spec.name, {}).setdefault(name, set()).add(tuple(np.shape(array)))
-
-    def recording_run(self, **inputs):
-        for name, array in inputs.items():
-            record(self, name, array)
-        return run(self, **inputs)
-
-    def recording_keep(self, name, array):
-        record(self, name, array)
-        return keep(self, name, array)
-
-    monkeypatch.setattr(OrtSession, "run", recording_run)
-    monkeypatch.setattr(OrtSession, "keep", recording_keep)
-    width, height = 64, 48  # not square: the shapes' H and W must not be swapped
-    pipe = Pipeline.from_pretrained(model, backend="cpu", safety_checker=False)
-    call = dict(width=width, height=height, num_images_per_prompt=per_prompt, num_inference_steps=2, seed=1)
-    result = pipe(prompts, **call)
-    pipe(prompts, image=Image.new("RGB", (width, height), (200, 40, 40)), strength=0.5, **call)
-    assert result.plan.rung == "resident" and result.plan.cfg_batched and not result.plan.vae_tile
-    want = coreml_shapes(width, height, len(prompts) * per_prompt, in_channels=4, hidden=HIDDEN)
-    assert {c: fed[c] for c in want} == {c: {n: {s} for n, s in inputs.items()} for c, inputs in want.items()}
-
-
-def test_bad_requests_fail_in_one_line_and_leave_nothing(exports, tmp_path):
+def test_bad_requests_fail_in_one_line_and_leave_nothing(exports, tmp_path, capsys):
     src = exports.src["sd1"]
     with pytest.raises(EdgediffError, match="supported: standard, split-einsum"):
-        export_coreml(src, tmp_path / "a", SIZE, SIZE, attention="sliced")
+        export_coreml(src, tmp_path / "a", [(64, 64)], attention="sliced")
     with pytest.raises(EdgediffError, match="CPU_AND_NE"):
-        export_coreml(src, tmp_path / "a", SIZE, SIZE, compute_units="NE")
+        export_coreml(src, tmp_path / "a", [(64, 64)], compute_units="NE")
     with pytest.raises(EdgediffError, match="multiples of 16"):  # tiny: 8x VAE, one UNet downsampling
-        export_coreml(src, tmp_path / "a", 72, SIZE)
+        export_coreml(src, tmp_path / "a", [(64, 64), (72, 64)])
+    with pytest.raises(EdgediffError, match="batch must be a whole number from 1 to 4"):
+        export_coreml(src, tmp_path / "a", [(64, 64)], batch=5)
     with pytest.raises(EdgediffError, match="already holds an edgediff export"):
-        export_coreml(src, exports.out("sd1"), SIZE, SIZE)
+        export_coreml(src, exports.out("sd1"), [(64, 64)])
+    for sizes in ("64", "64x", "64x64,,", "axb"):
+        code = main(["export", str(src), "--out", str(tmp_path / "b"), "--format", "coreml", "--sizes", sizes])
+        err = capsys.readouterr().err
+        assert code == 2 and "is not WIDTHxHEIGHT; write it like 512x512,768x512" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []

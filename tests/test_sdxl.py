@@ -354,7 +354,7 @@ def test_the_core_ml_export_refuses_sdxl_in_one_line(tiny, tmp_path):
     from edgediff.export.coreml_export import export_coreml
 
     with pytest.raises(EdgediffError, match="Stable Diffusion XL model.*--format onnx") as e:
-        export_coreml(tiny("sdxl")[0], tmp_path / "ml", 64, 64)
+        export_coreml(tiny("sdxl")[0], tmp_path / "ml", [(64, 64)])
     assert "\n" not in str(e.value) and not (tmp_path / "ml").exists()
 
 

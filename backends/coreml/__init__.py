@@ -2,7 +2,7 @@
 ONNX-only exports through ONNX Runtime's CoreML execution provider.
 
 The probe reads the Mac: its unified memory and what is available (psutil), the chip's name (sysctl) and
-the macOS version. Core ML packages need coremltools and macOS 13 (the packages' deployment target);
+the macOS version. Core ML packages need coremltools and macOS 15 (the packages' deployment target);
 the probe checks that coremltools is installed without importing it, since its import pulls in torch.
 
 What is not run here (no Mac on the development machines): any prediction. The probe runs against
@@ -23,7 +23,7 @@ from ..base import BackendCost, Device, MiB, OrtProviderBackend, OrtSession, Ove
 from .session import COMPUTE_UNITS, CoreMLSession, load_mlmodel, package_compute_units, read_package_spec
 
 COREML = "CoreMLExecutionProvider"
-MIN_MACOS = (13,)  # the packages' minimum deployment target (coreml_export.DEPLOYMENT_TARGET)
+MIN_MACOS = (15,)  # the packages' minimum deployment target (coreml_export.DEPLOYMENT_TARGET)
 MISSING = ("this onnxruntime build has no CoreML execution provider, and coremltools is not installed "
            "(pip install coremltools)")
 
@@ -88,7 +88,7 @@ class CoreMLBackend(OrtProviderBackend):
             return Unavailable(self.name, f"macOS {version} on Apple Silicon, but {MISSING}")
         notes = []
         if not packages:
-            notes.append("Core ML packages need coremltools (pip install coremltools) on macOS 13 or later")
+            notes.append("Core ML packages need coremltools (pip install coremltools) on macOS 15 or later")
         if not onnx:
             notes.append("ONNX exports need an onnxruntime with the CoreML provider (pip install onnxruntime)")
         total, free = self._memory()
@@ -115,7 +115,7 @@ class CoreMLBackend(OrtProviderBackend):
             return OrtSession(path, spec, [(COREML, coreml_provider_options()), "CPUExecutionProvider"],
                               session_options(), require=COREML, overrides=overrides)
         if package is not None:
-            raise EdgediffError(f"{package} is a Core ML package, which needs coremltools on macOS 13 or later "
+            raise EdgediffError(f"{package} is a Core ML package, which needs coremltools on macOS 15 or later "
                                 "(pip install coremltools)")
         raise EdgediffError(f"{path}: ONNX exports need an onnxruntime with the CoreML provider on the Mac; "
                             "or export Core ML packages with `edgediff export --format coreml`")

@@ -1,9 +1,10 @@
 """A session on one Core ML package (`<model>/<component>/model.mlpackage`, written by
 export/coreml_export.py) through coremltools' MLModel.predict.
 
-The packages take fixed shapes (those of one width, height and batch) and fp32 inputs (int32 token ids),
-so the session casts each input to the declared dtype, checks its shape, and says which input is wrong
-and why, as Apple's coreml_model.py does, rather than letting Core ML fail deep inside. Outputs come back
+The packages take the shapes they were exported for (an enumerated list: the sizes and batches of
+`edgediff export --format coreml --sizes ... --batch ...`) and fp32 inputs (int32 token ids), so the
+session casts each input to the declared dtype, checks its shape against that list, and says which input
+is wrong and why, as Apple's coreml_model.py does, rather than letting Core ML fail deep inside. Outputs come back
 as float32 numpy arrays, as from the ONNX sessions.
 
 What is not run here (Core ML predicts on macOS only): a real prediction. The conversion is tested with a
@@ -73,11 +74,11 @@ class CoreMLSession:
         self.spec = spec
         self.path = path
         self.providers = (f"CoreML {compute_units}",)
-        self.declared = {}  # name -> (dtype, shape or None where the package takes flexible shapes)
+        self.declared = {}  # name -> (dtype, the shapes it takes, or None where any)
         for feature in description.input:
             array = feature.type.multiArrayType
             self.declared[feature.name] = (CORE_ML_TYPES.get(array.dataType, np.dtype(np.float32)),
-                                           tuple(int(d) for d in array.shape) or None)
+                                           package_shapes(array))
         self.input_types = {name: dtype for name, (dtype, _) in self.declared.items()}
         self.output_names = [feature.name for feature in description.output]
         self._kept: dict[str, np.ndarray] = {}
@@ -102,10 +103,21 @@ class CoreMLSession:
         if name not in self.declared:
             raise EdgediffError(f"{self.path}: the package has no input {name!r} "
                                 f"(its inputs: {', '.join(self.declared)})")
-        dtype, shape = self.declared[name]
+        dtype, shapes = self.declared[name]
         value = np.ascontiguousarray(array, dtype=dtype)
-        if shape is not None and value.shape != shape:
+        if shapes is not None and value.shape not in shapes:
             raise EdgediffError(f"{self.path}: input {name} has shape {value.shape}, but this Core ML package "
-                                f"takes {shape} only (packages have fixed shapes); export again with the "
-                                "--width, --height and --batch you generate at")
+                                f"takes {', '.join(map(str, sorted(shapes)))} only; export again with the "
+                                "--sizes and --batch you generate at")
         return value
+
+
+def package_shapes(array) -> frozenset[tuple[int, ...]] | None:
+    """The shapes a package's input (its ArrayFeatureType) takes: the enumerated ones, its one fixed
+    shape, or None where it takes a range (edgediff's exports enumerate)."""
+    flexibility = array.WhichOneof("ShapeFlexibility")
+    if flexibility == "enumeratedShapes":
+        return frozenset(tuple(int(d) for d in s.shape) for s in array.enumeratedShapes.shapes)
+    if flexibility == "shapeRange" or not array.shape:
+        return None
+    return frozenset({tuple(int(d) for d in array.shape)})
