@@ -10,7 +10,7 @@ from PIL import Image
 
 from edgediff.cli import DEMO_CAPTIONS, main
 
-pytestmark = pytest.mark.slow  # the demo's own export and six generations
+# Not marked slow (20 s): CI runs it, as it guards the README's demo command on a fresh machine
 
 
 @pytest.fixture(autouse=True)

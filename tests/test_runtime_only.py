@@ -17,7 +17,7 @@ from PIL import Image
 
 from edgediff import Pipeline
 
-pytestmark = pytest.mark.slow  # a venv without torch
+# Not marked slow (20 s): CI runs it, as it guards the torch-free run-time install
 
 REPO = Path(__file__).resolve().parents[1]
 
