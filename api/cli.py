@@ -337,10 +337,9 @@ def _demo(args) -> None:
 
 
 def _plan(args) -> None:
-    from .backends import select
     from .engine import arguments as arg
     from .engine.model_folder import read_model_folder
-    from .engine.pipeline import image_size
+    from .engine.pipeline import backend_for, image_size
     from .engine.plan import Request, make_plan, parse_budget
 
     budget = parse_budget(args.budget)  # before anything slow: a bad budget is a typo
@@ -348,13 +347,14 @@ def _plan(args) -> None:
     batch = arg.whole("--batch", args.batch, 1, MAX_BATCH)
     guidance = arg.real("--guidance", args.guidance, 0.0)
     folder = Path(args.model)
-    if not (folder / "unet" / "model.onnx").is_file():
+    if not ((folder / "edgediff.json").is_file() or (folder / "unet" / "model.onnx").is_file()):
         from .export.sources import ensure_exported
 
         folder = ensure_exported(args.model)
     model = read_model_folder(folder)
-    _, device = select(args.backend)
+    _, device = backend_for(model, args.backend)
     width, height = image_size(args.width, args.height, None, model)
+    model.check_request(width, height, batch)
     plan = make_plan(model, Request(width, height, batch, cfg=guidance > 1, img2img=args.img2img),
                      device, budget)
     print(plan.describe())

@@ -143,7 +143,7 @@ class Pipeline:
 
             path = ensure_exported(path)
         model = read_model_folder(path)
-        chosen, device = _backend_for(model, backend)
+        chosen, device = backend_for(model, backend)
         tokenizers = tuple(ClipTokenizer.from_folder(model.path / t) for t in model.family.tokenizers)
         pipe = cls(model, chosen, device, tokenizers, safety_checker, memory_budget, lora_dir)
         files = list(embeddings or [])
@@ -694,7 +694,7 @@ class Pipeline:
         return (sample * np.float32(self.model.scaling_factor)).astype(np.float32)
 
 
-def _backend_for(model: ModelInfo, name: str):
+def backend_for(model: ModelInfo, name: str):
     """The backend and device a model runs on: the one asked for, or the best available. Core ML packages
     run on the coreml backend alone: asked for another, or where coreml is unavailable, one line says so."""
     from ..backends import get_backend, select

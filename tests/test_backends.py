@@ -334,6 +334,24 @@ def test_cuda_session_asks_for_the_probed_device_and_the_memory_limit(tmp_path, 
         assert took.name == "cpu" and hosts.provider_options(asked[-1][1], CUDA) is None
 
 
+def test_cuda_backend_preloads_the_cuda_libraries_once(tmp_path, monkeypatch):
+    """onnxruntime-gpu's wheels find CUDA and cuDNN in the nvidia-* pip packages only after
+    onnxruntime.preload_dlls(): the backend calls it before its first session, and only then."""
+    import onnxruntime as ort
+
+    from edgediff.backends import cuda as cuda_module
+
+    calls = []
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: calls.append(a), raising=False)
+    monkeypatch.setattr(cuda_module, "_PRELOADED", False)
+    hosts.record_sessions(monkeypatch)
+    path = _add_graph(tmp_path / "m.onnx")
+    backend = cuda(fake_nvml("NVIDIA A10", 24 * GiB, 23 * GiB, (8, 6)))
+    for _ in range(2):
+        backends.open_with_fallback(path, UNET, backend, backend.probe())
+    assert calls == [()]
+
+
 def test_tensorrt_first_with_a_cache_per_export_and_the_graphs_dtype(tmp_path):
     unet = tmp_path / "model" / "unet"
     unet.mkdir(parents=True)

@@ -294,9 +294,15 @@ def test_every_plan_rung_runs_through_the_core_ml_session_with_the_packages_shap
     assert used == {c: {n: shapes for n, (_, shapes) in inputs.items()} for c, inputs in EXPECTED.items()}
 
 
-def test_what_the_packages_cannot_take_is_refused_in_one_line(exports, on_a_mac, monkeypatch):
+def test_what_the_packages_cannot_take_is_refused_in_one_line(exports, on_a_mac, monkeypatch, capsys):
     from edgediff import Pipeline
 
+    # `edgediff plan` plans a Core ML folder for the coreml backend, and refuses what generate would
+    assert main(["plan", "--model", str(exports.out("sd1")), "--width", "320", "--height", "256"]) == 0
+    assert "resident plan on coreml: 320x256 x1, fp16" in capsys.readouterr().out
+    assert main(["plan", "--model", str(exports.out("sd1")), "--width", "128", "--height", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "take 64x64, 320x256 only, not 128x128" in err and len(err.splitlines()) == 1
     pipe = Pipeline.from_pretrained(exports.out("sd1"), backend="coreml", safety_checker=False)
     with pytest.raises(EdgediffError, match=r"take 64x64, 320x256 only, not 128x128: generate at one of those "
                                             r"sizes, or export again with --sizes 64x64,320x256,128x128$"):
