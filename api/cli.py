@@ -147,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=25)
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--guidance-interval", default=None, metavar="LOW,HIGH",
+                     help="guide only the steps whose noise level sigma is in (LOW, HIGH] (e.g. 0.28,5.42); "
+                          "the others skip the unconditional pass")
     gen.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
                      help="default: the one the model folder's scheduler_config.json names")
     gen.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
@@ -239,6 +242,19 @@ def _export(args) -> None:
     print(f"exported to {args.out} in {time.perf_counter() - start:.1f} s (manifest: {Path(args.out) / 'edgediff.json'})")
 
 
+def _interval_arg(text: str | None) -> tuple[float, float] | None:
+    """'0.28,5.42' -> (0.28, 5.42); the pipeline checks the values."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise EdgediffError(f"--guidance-interval {text!r} is not LOW,HIGH; write it like 0.28,5.42") from None
+
+
 def _sizes(args) -> list[tuple[int, int]]:
     from .export.coreml_export import parse_sizes
 
@@ -269,6 +285,7 @@ def _generate(args) -> None:
         if folder is not None and not Path(folder).is_dir():
             raise EdgediffError(f"{flag} {folder} is not a folder")
     loras = _lora_args(args.lora, args.lora_dir)
+    interval = _interval_arg(args.guidance_interval)
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, safety_checker=not args.no_safety_checker,
                                     memory_budget=args.budget, loras=loras, lora_dir=args.lora_dir,
                                     embedding_dir=args.embedding_dir)
@@ -276,7 +293,8 @@ def _generate(args) -> None:
                   guidance_scale=args.guidance, width=args.width, height=args.height, seed=args.seed,
                   scheduler=args.scheduler, num_images_per_prompt=args.batch, image=args.init_image,
                   strength=args.strength, mask_image=args.mask, progress=True, prompt_2=args.prompt_2,
-                  negative_prompt_2=args.negative_2, timestep_spacing=args.timestep_spacing)
+                  negative_prompt_2=args.negative_2, timestep_spacing=args.timestep_spacing,
+                  guidance_interval=interval)
     flagged = result.nsfw_content_detected or [False] * len(paths)
     for image, params, path, nsfw in zip(result.images, result.parameters, paths, flagged):
         save_png(image, path, params.a1111())

@@ -97,13 +97,17 @@ class Parameters:
     schedule_type: str | None = None  # AUTOMATIC1111's "Schedule type" when not the model's own ("SGM Uniform")
     # the LoRAs applied, ((name, AUTOMATIC1111's short hash), ...): its "Lora hashes" field
     loras: tuple[tuple[str, str], ...] = ()
+    # (low, high) sigmas: the unconditional pass ran only for steps whose sigma lies in them
+    guidance_interval: tuple[float, float] | None = None
 
     def a1111(self) -> str:
         fields = [("Steps", self.steps), ("Sampler", self.sampler)]
         if self.schedule_type:
             fields.append(("Schedule type", self.schedule_type))
-        fields += [("CFG scale", _num(self.cfg_scale)),
-                  ("Seed", self.seed), ("Size", f"{self.width}x{self.height}"), ("Model", self.model)]
+        fields += [("CFG scale", _num(self.cfg_scale))]
+        if self.guidance_interval:
+            fields.append(("Guidance interval", "-".join(_num(v) for v in self.guidance_interval)))
+        fields += [("Seed", self.seed), ("Size", f"{self.width}x{self.height}"), ("Model", self.model)]
         if self.denoising_strength is not None:
             fields.append(("Denoising strength", _num(self.denoising_strength)))
         if self.loras:  # A1111 drops its separators from the names

@@ -399,6 +399,7 @@ class Pipeline:
         timestep_spacing: str | None = None,
         plan: Plan | None = None,
         unet_inputs: Callable[[dict[str, np.ndarray]], None] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> GenerationResult:
         """Generate. The arguments are diffusers' StableDiffusion(XL)Pipeline's. Models with two text
         encoders (SDXL) also take `prompt_2` and `negative_prompt_2` (for the second encoder; default: the
@@ -412,7 +413,11 @@ class Pipeline:
         `unet_inputs` is called with every UNet call's inputs (int8 calibration records them).
 
         AUTOMATIC1111's `<lora:name:weight>` in a prompt applies the LoRA `name` of the pipeline's LoRA
-        folder for this call, on top of `set_loras`' set; the tag is taken out of the prompt text."""
+        folder for this call, on top of `set_loras`' set; the tag is taken out of the prompt text.
+
+        `guidance_interval` (low, high): guidance only for the steps whose noise level sigma lies in
+        (low, high] (Kynkaanniemi et al. 2024, arXiv 2404.07724: for SDXL (0.28, 5.42]); the other steps
+        run the conditional pass alone, one UNet call of B rows instead of 2B. Off by default."""
         timings: dict[str, float] = {}
         model = self.model
         family = model.family
@@ -466,6 +471,7 @@ class Pipeline:
             latents = _latents(latents, (batch, *latent_shape))
         schedule, start = _schedule(sched, num_inference_steps, strength if init_image is not None else None)
         cfg = guidance_scale > 1.0  # diffusers: guidance 1 or less means the conditional pass alone
+        interval = _interval(guidance_interval) if cfg else None
 
         self._apply(loras)
 
@@ -512,9 +518,9 @@ class Pipeline:
         extra = None
         if model.is_inpainting:
             extra = np.concatenate([mask_latents, masked_latents], axis=1)  # (B, 5, h, w)
-            extra = np.concatenate([extra, extra]) if cfg else extra
 
-        # 5. Denoise: UNet on (uncond, cond), guidance, scheduler step.
+        # 5. Denoise: UNet on (uncond, cond), guidance, scheduler step. With a guidance interval, the steps
+        # outside it run the conditional half alone.
         state = None
         steps = range(start, len(schedule))
         bar = _progress(len(steps), progress)
@@ -522,27 +528,27 @@ class Pipeline:
             if plan.cfg_batched:  # the same conditioning every step: on a GPU, sent to it once (IO binding)
                 for name, value in conditioning.items():
                     unet.keep(name, value)
-            halves = None if plan.cfg_batched else \
-                [dict(zip(conditioning, parts)) for parts in zip(*(np.split(v, 2) for v in conditioning.values()))]
+            halves = [dict(zip(conditioning, parts)) for parts in zip(*(np.split(v, 2) for v in conditioning.values()))] \
+                if cfg else [conditioning]
             for n, i in enumerate(steps):
-                model_input = np.concatenate([x, x]) if cfg else x  # (2B, 4, h, w)
+                guided = cfg and (interval is None or interval[0] < sched.sigma(schedule, i) <= interval[1])
+                model_input = np.concatenate([x, x]) if guided else x  # (2B or B, 4, h, w)
                 model_input = sched.scale_model_input(schedule, i, model_input)
-                if extra is not None:
-                    model_input = np.concatenate([model_input, extra], axis=1)  # (2B, 9, h, w)
+                if extra is not None:  # (2B or B, 9, h, w)
+                    model_input = np.concatenate([model_input, np.concatenate([extra] * (2 if guided else 1))], axis=1)
                 t = np.full((model_input.shape[0],), schedule.timesteps[i], dtype=np.float32)
                 with _timed(timings, "unet"):
-                    if plan.cfg_batched:
+                    # (the conditioning is passed whenever an interval may change it between steps: a kept
+                    # input given another array is sent again and kept)
+                    calls = [(model_input, conditioning if interval else {})] if guided and plan.cfg_batched else \
+                        list(zip(np.split(model_input, 2), halves)) if guided else [(model_input, halves[-1])]
+                    out = []
+                    for sample, c in calls:  # both halves at once; or uncond, then cond; or cond alone
                         if unet_inputs is not None:
-                            unet_inputs({**conditioning, "sample": model_input, "timestep": t})
-                        out = unet.run(sample=model_input, timestep=t)["out_sample"]
-                    else:  # the plan halves the UNet's activations: uncond, then cond
-                        out = []
-                        for half, c in zip(np.split(model_input, 2), halves):
-                            if unet_inputs is not None:
-                                unet_inputs({**c, "sample": half, "timestep": t[:batch]})
-                            out.append(unet.run(sample=half, timestep=t[:batch], **c)["out_sample"])
-                        out = np.concatenate(out)
-                if cfg:
+                            unet_inputs({**conditioning, **c, "sample": sample, "timestep": t[:len(sample)]})
+                        out.append(unet.run(sample=sample, timestep=t[:len(sample)], **c)["out_sample"])
+                    out = np.concatenate(out)
+                if guided:
                     uncond, cond = np.split(out, 2)
                     with np.errstate(over="ignore", invalid="ignore"):  # inf is caught after the loop
                         out = uncond + np.float32(guidance_scale) * (cond - uncond)
@@ -588,7 +594,7 @@ class Pipeline:
         hashes = tuple((lora.name, lora.hash) for lora, _ in loras)
         params = [Parameters(prompts[k // num_images_per_prompt], negatives[k // num_images_per_prompt],
                              num_inference_steps, sampler, guidance_scale, seeds[k], width, height, model.name,
-                             strength_note, schedule_type, hashes) for k in range(batch)]
+                             strength_note, schedule_type, hashes, interval) for k in range(batch)]
         return GenerationResult(images, seeds, params, timings, nsfw_content_detected=flagged, plan=plan,
                                 peak_memory=_peak_memory(), fp32_reruns=reruns,
                                 loras=[(lora.name, w) for lora, w in loras])
@@ -747,6 +753,21 @@ def _refuse_unused(model: ModelInfo, **given) -> None:
         it = "it" if len(named) == 1 else "them"
         raise EdgediffError(f"{', '.join(named)} {'is' if len(named) == 1 else 'are'} for SDXL models, and "
                             f"{model.name} is a {family.title} model; leave {it} out, or use an SDXL model")
+
+
+def _interval(value) -> tuple[float, float] | None:
+    """A guidance interval: (low, high) sigmas, 0 <= low < high (high may be inf), or None."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise EdgediffTypeError(f"guidance_interval must be two sigmas (low, high), not {value!r}")
+    low = arg.real("guidance_interval's low sigma", value[0], 0.0)
+    high = value[1]
+    if not (isinstance(high, (int, float, np.integer, np.floating)) and not isinstance(high, bool)
+            and (high == float("inf") or np.isfinite(high)) and high > low):
+        raise EdgediffError(f"guidance_interval's high sigma must be a number above the low one ({low:g}), "
+                            f"not {high!r}; for SDXL the paper's interval is (0.28, 5.42)")
+    return (float(low), float(high))
 
 
 def _is_origin(corner) -> bool:

@@ -236,6 +236,17 @@ class Scheduler:
     def schedule(self, num_inference_steps: int) -> Schedule:
         raise NotImplementedError("need schedule")
 
+    def sigma(self, schedule: Schedule, i: int) -> float:
+        """Step i's noise level as a sigma, sqrt((1 - a_t) / a_t): the sigma-based solvers' own, else that
+        of the step's timestep on the training schedule. Guidance intervals are given on this scale, as
+        in Kynkaanniemi et al. 2024 (arXiv 2404.07724), whatever the solver."""
+        if schedule.sigmas is not None:
+            return float(schedule.sigmas[i])
+        alphas = getattr(self, "alphas_cumprod", None)
+        alphas = alphas_cumprod_for(self.config) if alphas is None else alphas
+        t = min(max(int(round(float(schedule.timesteps[i]))), 0), len(alphas) - 1)
+        return float(np.sqrt((1 - alphas[t]) / alphas[t]))
+
     def scale_model_input(self, schedule: Schedule, i: int, sample: np.ndarray) -> np.ndarray:
         """The UNet's input at step i (sigma-based solvers divide by sqrt(sigma^2 + 1))."""
         return sample
