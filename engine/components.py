@@ -135,6 +135,16 @@ VAE_DECODER_TAIL = ComponentSpec(
     fp32_fallback=True,
 )
 
+# A tiny autoencoder's decoder (TAESD, diffusers' AutoencoderTiny: madebyollin/taesd, taesdxl), exported
+# beside the VAE when asked (`export --tiny-vae SOURCE`): a decode at a fraction of the VAE's cost, for
+# drafts and live previews. It takes the UNet's latents as they are (its scaling factor is 1).
+VAE_DECODER_TINY = ComponentSpec(
+    "vae_decoder_tiny",
+    inputs=(TensorSpec("latent_sample", "float32", ("batch", "latent_channels", "height", "width")),),
+    outputs=(TensorSpec("sample", "float32", ("batch", "rgb", "image_height", "image_width")),),
+    required=False,
+)
+
 # The CLIP-based classifier SD ships to flag unsafe pictures (diffusers' StableDiffusionSafetyChecker,
 # its forward_onnx): CLIP-preprocessed pixels in, the same images out with flagged ones blacked.
 SAFETY_CHECKER = ComponentSpec(
@@ -154,4 +164,4 @@ FP32_FALLBACK = "model_fp32.onnx"
 
 VAE = (VAE_ENCODER, VAE_DECODER, VAE_DECODER_HEAD, VAE_DECODER_TAIL)
 # Every component any family has, for code that asks "is this folder an export at all?"
-COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, *VAE, SAFETY_CHECKER)
+COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, *VAE, VAE_DECODER_TINY, SAFETY_CHECKER)

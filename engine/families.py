@@ -53,6 +53,10 @@ class Family:
     # what the parity tests and the benchmark compare with
     diffusers_pipelines: tuple[str, str, str] = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
                                                  "StableDiffusionInpaintPipeline")
+    # The cheap preview: RGB in [-1, 1] as a linear map of the UNet's latents, one row per latent
+    # channel (ComfyUI's latent_rgb_factors, fitted to each family's VAE); no VAE runs
+    latent_rgb: tuple[tuple[float, float, float], ...] = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350),
+                                                          (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))
 
     @property
     def components(self) -> tuple[ComponentSpec, ...]:
@@ -98,6 +102,8 @@ SDXL = Family(
     micro_conditioning=True, zeros_for_empty_negative=True,
     diffusers_pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                          "StableDiffusionXLInpaintPipeline"),
+    latent_rgb=((0.3920, 0.4054, 0.4549), (-0.2634, -0.0196, 0.0653), (0.0568, 0.1687, -0.0755),
+                (-0.3112, -0.2359, -0.2076)),
 )
 
 

@@ -99,6 +99,7 @@ class Parameters:
     loras: tuple[tuple[str, str], ...] = ()
     # (low, high) sigmas: the unconditional pass ran only for steps whose sigma lies in them
     guidance_interval: tuple[float, float] | None = None
+    vae: str | None = None  # AUTOMATIC1111's "VAE" field: the decoder, when not the model's own
 
     def a1111(self) -> str:
         fields = [("Steps", self.steps), ("Sampler", self.sampler)]
@@ -108,6 +109,8 @@ class Parameters:
         if self.guidance_interval:
             fields.append(("Guidance interval", "-".join(_num(v) for v in self.guidance_interval)))
         fields += [("Seed", self.seed), ("Size", f"{self.width}x{self.height}"), ("Model", self.model)]
+        if self.vae:
+            fields.append(("VAE", self.vae))
         if self.denoising_strength is not None:
             fields.append(("Denoising strength", _num(self.denoising_strength)))
         if self.loras:  # A1111 drops its separators from the names

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import json
 import logging
 import os
 import threading
@@ -31,7 +32,7 @@ from . import noise as rnd
 from .plan import Plan, Request, make_plan, parse_budget
 from .tiling import shared_stats_decode, tiled
 from .components import (COMPONENTS, FP32_FALLBACK, HIDDEN_SCALE, SAFETY_CHECKER, VAE_DECODER, VAE_DECODER_HEAD,
-                         VAE_DECODER_TAIL, VAE_ENCODER, ComponentSpec)
+                         VAE_DECODER_TAIL, VAE_DECODER_TINY, VAE_ENCODER, ComponentSpec)
 from .errors import EdgediffError, EdgediffTypeError
 from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
 from .model_folder import LATENT_CHANNELS, ModelInfo, read_model_folder
@@ -400,6 +401,8 @@ class Pipeline:
         plan: Plan | None = None,
         unet_inputs: Callable[[dict[str, np.ndarray]], None] | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        vae_decoder: str = "full",
+        preview_every: int | None = None,
     ) -> GenerationResult:
         """Generate. The arguments are diffusers' StableDiffusion(XL)Pipeline's. Models with two text
         encoders (SDXL) also take `prompt_2` and `negative_prompt_2` (for the second encoder; default: the
@@ -417,7 +420,13 @@ class Pipeline:
 
         `guidance_interval` (low, high): guidance only for the steps whose noise level sigma lies in
         (low, high] (Kynkaanniemi et al. 2024, arXiv 2404.07724: for SDXL (0.28, 5.42]); the other steps
-        run the conditional pass alone, one UNet call of B rows instead of 2B. Off by default."""
+        run the conditional pass alone, one UNet call of B rows instead of 2B. Off by default.
+
+        `vae_decoder="tiny"` decodes with the tiny autoencoder exported beside the VAE (`export
+        --tiny-vae madebyollin/taesd`): drafts at a fraction of the VAE's cost. `preview_every=N` passes
+        the callback a fourth argument, every N steps and at the last one a preview of each image (PIL;
+        else None): the tiny autoencoder's decode when the export has one, else the family's cheap
+        latent-to-RGB projection at latent resolution."""
         timings: dict[str, float] = {}
         model = self.model
         family = model.family
@@ -444,6 +453,15 @@ class Pipeline:
         if callback is not None and not callable(callback):
             raise EdgediffTypeError(f"callback must be a function (step, total, latents), not "
                                     f"{type(callback).__name__}")
+        if vae_decoder not in ("full", "tiny"):
+            raise EdgediffError(f"vae_decoder must be 'full' or 'tiny', not {vae_decoder!r}")
+        if vae_decoder == "tiny" and not model.has(VAE_DECODER_TINY):
+            raise EdgediffError(f"{model.name} has no tiny autoencoder: export it with --tiny-vae madebyollin/taesd "
+                                "(madebyollin/taesdxl for SDXL), or decode with the full VAE")
+        if preview_every is not None:
+            preview_every = arg.whole("preview_every", preview_every, 1, None, " steps")
+            if callback is None:
+                raise EdgediffError("preview_every passes previews to the callback: give a callback too")
         if mask_image is not None and image is None:
             raise EdgediffError("a mask needs an init image to inpaint (pass image= / --init-image)")
         init_image = open_image(image, "init image") if image is not None else None
@@ -562,7 +580,9 @@ class Pipeline:
                         known = sched.add_noise(schedule, i + 1, image_latents, noise)
                     x = (1 - mask_latents) * known + mask_latents * x
                 bar.update(1)
-                if callback is not None and callback(n, len(steps), x) is False:
+                preview = () if preview_every is None else \
+                    (self._preview(x, plan) if (n + 1) % preview_every == 0 or n + 1 == len(steps) else None,)
+                if callback is not None and callback(n, len(steps), x, *preview) is False:
                     log.info("generation cancelled by the callback after step %d of %d", n + 1, len(steps))
                     return GenerationResult([], seeds, [], timings, cancelled=True)
         if not np.isfinite(x).all():  # before the decoder, which would be blamed for it
@@ -576,9 +596,13 @@ class Pipeline:
         reruns: list[str] = []
         decoder = (VAE_DECODER_HEAD, VAE_DECODER_TAIL) if plan.vae_margin else (VAE_DECODER,)
         with _timed(timings, "vae_decoder"), ExitStack() as stack:
-            sessions = [stack.enter_context(self._using(spec, plan)) for spec in decoder]
-            decoded = [self._decode(decoder, sessions, x[k:k + 1] / np.float32(model.scaling_factor), plan, reruns)
-                       for k in range(batch)]  # each (1, 3, H, W)
+            if vae_decoder == "tiny":  # small: whole, whatever the plan's tiles
+                tiny = stack.enter_context(self._using(VAE_DECODER_TINY, plan))
+                decoded = [self._decode_tiny(tiny, x[k:k + 1]) for k in range(batch)]
+            else:
+                sessions = [stack.enter_context(self._using(spec, plan)) for spec in decoder]
+                decoded = [self._decode(decoder, sessions, x[k:k + 1] / np.float32(model.scaling_factor), plan,
+                                        reruns) for k in range(batch)]  # each (1, 3, H, W)
         images = to_pil(np.concatenate(decoded))
 
         # 7. The safety checker, when the model has one and it is on: flagged images become black.
@@ -594,10 +618,26 @@ class Pipeline:
         hashes = tuple((lora.name, lora.hash) for lora, _ in loras)
         params = [Parameters(prompts[k // num_images_per_prompt], negatives[k // num_images_per_prompt],
                              num_inference_steps, sampler, guidance_scale, seeds[k], width, height, model.name,
-                             strength_note, schedule_type, hashes, interval) for k in range(batch)]
+                             strength_note, schedule_type, hashes, interval,
+                             "TAESD" if vae_decoder == "tiny" else None) for k in range(batch)]
         return GenerationResult(images, seeds, params, timings, nsfw_content_detected=flagged, plan=plan,
                                 peak_memory=_peak_memory(), fp32_reruns=reruns,
                                 loras=[(lora.name, w) for lora, w in loras])
+
+    def _decode_tiny(self, session, x: np.ndarray) -> np.ndarray:
+        """The tiny autoencoder's decode of the UNet's latents, divided by its own scaling factor (1 for
+        TAESD, as in diffusers' pipelines with an AutoencoderTiny)."""
+        config = self.model.path / VAE_DECODER_TINY.name / "config.json"
+        scale = float(json.loads(config.read_text()).get("scaling_factor", 1.0)) if config.is_file() else 1.0
+        return session.run(latent_sample=x / np.float32(scale))["sample"]
+
+    def _preview(self, x: np.ndarray, plan: Plan) -> list[Image.Image]:
+        """Each image of the batch as it stands: the tiny autoencoder's decode (kept open for the call's
+        later previews), or the family's latent-to-RGB projection at latent resolution."""
+        if self.model.has(VAE_DECODER_TINY):
+            return to_pil(self._decode_tiny(self._session(VAE_DECODER_TINY, plan), x))
+        rgb = np.einsum("bchw,cr->brhw", x, np.asarray(self.model.family.latent_rgb, np.float32))
+        return to_pil(rgb)
 
     def _decode(self, specs, sessions, z: np.ndarray, plan: Plan, reruns: list[str]) -> np.ndarray:
         image = self._run_decoder(sessions, z, plan)

@@ -37,9 +37,9 @@ import numpy as np
 
 from ..engine.clip_vocab import add_vocab_files
 from ..engine.components import (FP32_FALLBACK, SAFETY_CHECKER, UNET, VAE, VAE_DECODER, VAE_DECODER_HEAD,
-                                 VAE_DECODER_TAIL, VAE_ENCODER, ComponentSpec)
+                                 VAE_DECODER_TAIL, VAE_DECODER_TINY, VAE_ENCODER, ComponentSpec)
 from ..engine.families import Family, recognise
-from ..engine.errors import EdgediffError
+from ..engine.errors import EdgediffError, first_line
 from ..engine.files import atomic_folder, check_out
 from ..engine.metrics import relative_error, tensor_psnr
 from ..engine.model_folder import scale_factor
@@ -86,6 +86,9 @@ class ExportOptions:
     # LoRAs baked into the weights before export, ((path, weight), ...): what Core ML packages need (they
     # cannot change weights when loaded), and an int8 UNet (its weights are quantized)
     loras: tuple = ()
+    # a tiny autoencoder (diffusers' AutoencoderTiny: a hub id such as madebyollin/taesd, or a folder)
+    # whose decoder is exported beside the VAE's, as vae_decoder_tiny
+    tiny_vae: str | None = None
 
     def __post_init__(self):
         if self.dtype not in MIN_PSNR:
@@ -105,6 +108,10 @@ class ExportOptions:
             from ..engine.adapters import read_lora
 
             k += "-lora" + "_".join(f"{read_lora(p).hash}x{w:g}" for p, w in self.loras)
+        if self.tiny_vae:  # the source as named: a hub id, or a folder's path
+            import hashlib
+
+            k += "-tiny" + hashlib.sha256(str(self.tiny_vae).encode()).hexdigest()[:8]
         return k + ("" if self.safety_checker else "-nosafety")
 
 
@@ -157,6 +164,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
                 # LoRAs baked into the weights (export --lora): name, AUTOMATIC1111's hash, weight
                 "loras": [{"name": Path(f).stem, "hash": h, "weight": w} for (f, w), h in
                           zip(options.loras, weight_map.lora_hashes(options.loras))],
+                "tiny_vae": options.tiny_vae,
                 "components": {r.name: asdict(r) for r in reports},
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -256,6 +264,8 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
     vae_cache, tail_shape, reports, slots = {}, {}, [], {}
     # LoRAs to bake in, matched against the source's weights before anything is exported
     baked = weight_map.bake_plan(src, family, unet_config, options.loras) if options.loras else {}
+    # and the tiny autoencoder found and checked, before anything is exported too
+    tiny_vae = _tiny_vae_source(options.tiny_vae, vae_config) if options.tiny_vae and only is None else None
 
     def text_encoder(spec):
         import transformers
@@ -349,6 +359,8 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
                  "inf" if report.psnr is None else f"{report.psnr:.1f}")
         gc.collect()
     vae_cache.clear()
+    if tiny_vae is not None:
+        reports.append(_export_tiny_vae(options, tiny_vae, tmp, vae_config, size, vae_scale, profile_memory, g))
     bar.close()
     if has_checker:
         shutil.copytree(src / "feature_extractor", tmp / "feature_extractor")
@@ -363,6 +375,52 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
         if profile_memory:
             unet_report.activations = memory_profile.profile(tmp / UNET.onnx_path, family.unet, vae_scale)
     return family, reports
+
+
+def _tiny_vae_source(ref: str, vae_config: dict) -> Path:
+    """The tiny autoencoder's folder, checked from its config: an AutoencoderTiny whose latents are the
+    model's."""
+    from .sources import tiny_vae_folder
+
+    folder = tiny_vae_folder(ref)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise EdgediffError(f"--tiny-vae {ref}: no readable config.json ({first_line(e)}); give a TAESD folder or "
+                            "hub id such as madebyollin/taesd") from None
+    if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderTiny":
+        kind = config.get("_class_name") if isinstance(config, dict) else None
+        raise EdgediffError(f"--tiny-vae {ref}: not a diffusers AutoencoderTiny ({kind or 'no _class_name'}); "
+                            "give a TAESD folder or hub id such as madebyollin/taesd")
+    channels = vae_config.get("latent_channels", 4)
+    if config.get("latent_channels", 4) != channels:
+        raise EdgediffError(f"--tiny-vae {ref} decodes {config.get('latent_channels', 4)}-channel latents and this "
+                            f"model's are {channels}-channel; use the tiny autoencoder of its family "
+                            "(madebyollin/taesd for SD 1.x and 2.x, madebyollin/taesdxl for SDXL)")
+    return folder
+
+
+def _export_tiny_vae(options: ExportOptions, folder: Path, tmp: Path, vae_config: dict, size: int,
+                     vae_scale: int, profile_memory: bool, g) -> ComponentReport:
+    """The tiny autoencoder's decoder, through the same export and parity gate as every component."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from . import wrappers
+
+    m = AutoencoderTiny.from_pretrained(folder).eval()
+    out = tmp / VAE_DECODER_TINY.name
+    out.mkdir()
+    shutil.copy2(folder / "config.json", out / "config.json")
+    latent = torch.randn(1, vae_config.get("latent_channels", 4), size, size, generator=g)
+    report = _export_one(VAE_DECODER_TINY, [wrappers.VaeDecoder(m)], (latent,), out / "model.onnx", options,
+                         has_attention=False)
+    report.extra = {"source": str(options.tiny_vae)}
+    if profile_memory:
+        report.activations = memory_profile.profile(out / "model.onnx", VAE_DECODER_TINY, vae_scale)
+    log.info("exported %s: %.1f s, PSNR %s dB against PyTorch", VAE_DECODER_TINY.name, report.seconds,
+             "inf" if report.psnr is None else f"{report.psnr:.1f}")
+    return report
 
 
 def source_family(src: Path) -> Family:

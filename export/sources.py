@@ -215,6 +215,24 @@ def _download(repo_id: str) -> Path:
     return folder
 
 
+def tiny_vae_folder(ref: str | Path) -> Path:
+    """A tiny autoencoder's folder (config.json and its weights): `ref` itself, or a hub id downloaded
+    into the Hugging Face cache (its .safetensors only: never a pickle)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    text = str(ref)
+    if not HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise EdgediffError(f"--tiny-vae {ref} is neither a folder nor a hub id; give a TAESD folder or a hub id "
+                            "such as madebyollin/taesd")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=["config.json", "*.safetensors"]))
+    except Exception as e:
+        raise EdgediffError(_hub_message(text, e)) from None
+
+
 def _hub_message(repo_id: str, error: Exception) -> str:
     """One line for a failed look-up or download. The hub answered with an HTTP status (HfHubHTTPError,
     RepositoryNotFoundError for a missing, private or gated one), or it never answered: offline mode
