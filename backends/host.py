@@ -46,6 +46,24 @@ def os_version(system: str | None = None) -> str:
     return f"{system} {platform.release()}".strip()
 
 
+# The x86 extensions that decide how ONNX Runtime's int8 (U8S8) kernels compute, best first: AMX tiles,
+# VNNI dot products (AVX-512 or AVX), or AVX2's pmaddubsw, whose int16 sums of u8 x s8 pairs can
+# saturate, so a UNet quantized and gated on a VNNI machine loses picture on an AVX2-only one (measured
+# in issue 15: 42.5 dB at export on an AMX Xeon, 29.6 dB on an AVX2-only EPYC).
+INT8_KERNELS = (("amx_int8", "amx"), ("avx512_vnni", "vnni"), ("avx_vnni", "vnni"), ("avx2", "avx2"))
+
+
+def int8_kernels(cpuinfo: str | None = None) -> str | None:
+    """Which int8 kernels ONNX Runtime runs on this CPU ("amx", "vnni", "avx2" or "other"), from the
+    flags /proc/cpuinfo lists; None where they cannot be read (not Linux)."""
+    text = read_text("/proc/cpuinfo") if cpuinfo is None else cpuinfo
+    flags = next((set(line.split(":", 1)[1].split()) for line in (text or "").splitlines()
+                  if line.startswith("flags")), None)
+    if flags is None:
+        return None
+    return next((kind for flag, kind in INT8_KERNELS if flag in flags), "other")
+
+
 def memory() -> tuple[int | None, int | None]:
     """Total and available bytes of the host's memory, from psutil: on Linux MemAvailable, the kernel's own
     estimate of what can be allocated without swapping (free + reclaimable page cache), not MemFree; on

@@ -145,6 +145,7 @@ class Pipeline:
             path = ensure_exported(path)
         model = read_model_folder(path)
         chosen, device = backend_for(model, backend)
+        _check_int8_kernels(model, chosen)
         tokenizers = tuple(ClipTokenizer.from_folder(model.path / t) for t in model.family.tokenizers)
         pipe = cls(model, chosen, device, tokenizers, safety_checker, memory_budget, lora_dir)
         files = list(embeddings or [])
@@ -738,6 +739,23 @@ class Pipeline:
         else:  # optimum's older exports sample inside the graph
             sample = np.repeat(next(iter(outputs.values())), len(seeds), axis=0)
         return (sample * np.float32(self.model.scaling_factor)).astype(np.float32)
+
+
+def _check_int8_kernels(model: ModelInfo, backend) -> None:
+    """Warn when an int8 UNet runs on a CPU whose int8 kernels differ from those of the machine that
+    calibrated and gated it: its export figure does not hold there."""
+    from ..backends.host import int8_kernels
+
+    if model.dtype(model.family.unet.name) != "int8" or not getattr(backend, "host", False):
+        return
+    record = model.export_manifest.get("components", {}).get(model.family.unet.name, {})
+    made, here = record.get("extra", {}).get("int8_kernels"), int8_kernels()
+    if made and here and made != here:
+        psnr = record.get("psnr")
+        log.warning("this int8 UNet was calibrated and gated (%s) on a CPU with %s int8 kernels; this one runs %s "
+                    "kernels, where the picture can lose several dB (ONNX Runtime's AVX2 kernels saturate): export "
+                    "it again on this machine, or use an fp32 export", f"{psnr:.1f} dB" if psnr else "its gate",
+                    made.upper(), here.upper())
 
 
 def backend_for(model: ModelInfo, name: str):

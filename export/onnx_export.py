@@ -458,8 +458,12 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
     report.dtype, report.psnr, report.max_abs_diff = "int8", score, max_abs
     report.bytes = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
     report.seconds = round(report.seconds + time.perf_counter() - start, 2)
+    from ..backends.host import int8_kernels
+
+    # the gate's figure holds for the int8 kernels of the machine that measured it (backends/host.py)
     report.extra = {"calibration": {"prompts": len(quantize.CALIBRATION_PROMPTS), "calls": len(calls),
-                                    "size": size, "against": "the fp32 graph"}}
+                                    "size": size, "against": "the fp32 graph"},
+                    "int8_kernels": int8_kernels()}
     if score is not None and not score >= MIN_PSNR["int8"]:
         raise EdgediffError(f"the int8 UNet is {score:.1f} dB PSNR against the fp32 one, below the "
                             f"{MIN_PSNR['int8']:g} dB gate; this model does not quantize well: use --dtype fp32")

@@ -320,6 +320,9 @@ def test_int8_export_quantizes_the_unet_only(builtin_model):
     unet = m["components"]["unet"]
     assert m["dtype"] == "int8" and unet["dtype"] == "int8" and unet["psnr"] >= ox.MIN_PSNR["int8"]
     assert unet["extra"]["calibration"]["calls"] > 0
+    from edgediff.backends.host import int8_kernels
+
+    assert unet["extra"]["int8_kernels"] == int8_kernels()  # the kernels the gate's figure was measured with
     assert all(c["dtype"] == "fp32" for name, c in m["components"].items() if name != "unet")
     graph = onnx.load(str(out / "unet" / "model.onnx"))
     int8_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
@@ -331,3 +334,37 @@ def test_int8_export_quantizes_the_unet_only(builtin_model):
     a = Pipeline.from_pretrained(out, backend="cpu")(**args).images[0]
     b = Pipeline.from_pretrained(fp32, backend="cpu")(**args).images[0]
     assert psnr(np.asarray(a), np.asarray(b)) >= 25.0
+
+
+@pytest.mark.parametrize("flags, kernels", [
+    ("fpu sse2 avx avx2 fma avx512f avx512_vnni amx_bf16 amx_tile amx_int8", "amx"),  # Sapphire Rapids
+    ("fpu avx avx2 avx512f avx512_vnni avx512_bf16", "vnni"),  # Zen 4
+    ("fpu avx avx2 avx_vnni", "vnni"),  # Alder Lake
+    ("fpu avx avx2 fma f16c", "avx2"),  # Zen 2 EPYC
+    ("fpu sse2 sse4_2", "other"),
+])
+def test_int8_kernels_from_the_cpu_flags(flags, kernels):
+    from edgediff.backends.host import int8_kernels
+
+    assert int8_kernels(f"processor\t: 0\nflags\t\t: {flags}\n") == kernels
+    assert int8_kernels("Processor\t: ARMv8\nFeatures\t: fp asimd\n") is None  # no x86 flags line
+
+
+def test_int8_unet_on_other_int8_kernels_is_warned_about(tiny, tmp_path, monkeypatch, caplog):
+    """An int8 UNet's export figure holds for the int8 kernels of the CPU that measured it: on a CPU
+    with other kernels (AVX2's saturate where VNNI's do not), loading it says so."""
+    import shutil
+
+    from edgediff.backends import host
+
+    folder = shutil.copytree(tiny("sd1")[1], tmp_path / "int8")
+    m = manifest(folder)
+    m["components"]["unet"].update(dtype="int8", psnr=42.5, extra={"int8_kernels": "amx"})
+    (folder / "edgediff.json").write_text(json.dumps(m))
+    for here, warned in (("avx2", True), ("amx", False), (None, False)):
+        monkeypatch.setattr(host, "int8_kernels", lambda cpuinfo=None, here=here: here)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="edgediff"):
+            Pipeline.from_pretrained(folder, backend="cpu", safety_checker=False)
+        said = "calibrated and gated (42.5 dB) on a CPU with AMX int8 kernels; this one runs AVX2 kernels"
+        assert (said in caplog.text) == warned, caplog.text
