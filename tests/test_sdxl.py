@@ -349,7 +349,7 @@ def test_refiner_and_unknown_files_are_one_line_on_the_command_line(tiny, tmp_pa
 
 
 def test_the_core_ml_export_refuses_sdxl_in_one_line(tiny, tmp_path):
-    """Its packages' static shapes are one text encoder's and the plain UNet's: SDXL is refused before any
+    """Its packages' shapes are one text encoder's and the plain UNet's: SDXL is refused before any
     work, naming the format that does run it."""
     from edgediff.export.coreml_export import export_coreml
 

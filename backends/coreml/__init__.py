@@ -7,7 +7,8 @@ the probe checks that coremltools is installed without importing it, since its i
 
 What is not run here (no Mac on the development machines): any prediction. The probe runs against
 simulated sysctl answers and memory, the provider options are checked as built, and the Core ML
-session's input conversion runs against a stand-in MLModel.
+session runs the pipeline's every plan rung up to MLModel.predict, where a stand-in checks each call
+against the package's own spec (tests/test_coreml_export.py).
 """
 
 from __future__ import annotations
