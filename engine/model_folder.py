@@ -48,6 +48,9 @@ class ModelInfo:
     # ONNX folder takes any (empty, None)
     sizes: tuple[tuple[int, int], ...] = ()
     max_batch: int | None = None
+    # the tiny autoencoder's (vae_decoder_tiny) own scaling factor: 1 for TAESD, which decodes the UNet's
+    # latents as they are
+    tiny_scaling_factor: float = 1.0
 
     @property
     def native_size(self) -> int:
@@ -90,6 +93,7 @@ def read_model_folder(path: str | Path) -> ModelInfo:
         raise EdgediffError(f"{path} is a diffusers (PyTorch) folder; export it first: "
                             f"edgediff export {path} --out {path.name}-onnx")
     unet_file, vae_file = path / "unet" / "config.json", path / "vae_decoder" / "config.json"
+    tiny_file = path / "vae_decoder_tiny" / "config.json"
     unet, vae = _config(unet_file), _config(vae_file)
     manifest = _config(path / "edgediff.json")
     _check_manifest(path / "edgediff.json", manifest)
@@ -140,6 +144,7 @@ def read_model_folder(path: str | Path) -> ModelInfo:
         format=fmt,
         sizes=sizes,
         max_batch=max_batch,
+        tiny_scaling_factor=_number(tiny_file, "scaling_factor", _config(tiny_file).get("scaling_factor", 1.0), None),
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
-import json
 import logging
 import os
 import threading
@@ -628,9 +627,7 @@ class Pipeline:
     def _decode_tiny(self, session, x: np.ndarray) -> np.ndarray:
         """The tiny autoencoder's decode of the UNet's latents, divided by its own scaling factor (1 for
         TAESD, as in diffusers' pipelines with an AutoencoderTiny)."""
-        config = self.model.path / VAE_DECODER_TINY.name / "config.json"
-        scale = float(json.loads(config.read_text()).get("scaling_factor", 1.0)) if config.is_file() else 1.0
-        return session.run(latent_sample=x / np.float32(scale))["sample"]
+        return session.run(latent_sample=x / np.float32(self.model.tiny_scaling_factor))["sample"]
 
     def _preview(self, x: np.ndarray, plan: Plan) -> list[Image.Image]:
         """Each image of the batch as it stands: the tiny autoencoder's decode (kept open for the call's
