@@ -489,7 +489,8 @@ class Pipeline:
             latents = _latents(latents, (batch, *latent_shape))
         schedule, start = _schedule(sched, num_inference_steps, strength if init_image is not None else None)
         cfg = guidance_scale > 1.0  # diffusers: guidance 1 or less means the conditional pass alone
-        interval = _interval(guidance_interval) if cfg else None
+        interval = _interval(guidance_interval)  # checked even where guidance is off (and then unused)
+        interval = interval if cfg else None
 
         self._apply(loras)
 
@@ -759,16 +760,20 @@ def backend_for(model: ModelInfo, name: str):
     """The backend and device a model runs on: the one asked for, or the best available. Core ML packages
     run on the coreml backend alone: asked for another, or where coreml is unavailable, one line says so."""
     from ..backends import get_backend, select
+    from ..backends.base import Device, Unavailable
 
     if model.format != "coreml":
         return select(name)
-    found = get_backend("coreml").probe() if name in ("auto", "coreml") else None
-    if name not in ("auto", "coreml") or not hasattr(found, "compute_units") or not found.compute_units:
-        why = f"backend {name} was asked for" if name not in ("auto", "coreml") else \
-            getattr(found, "reason", None) or "coremltools cannot load packages here"
-        raise EdgediffError(f"{model.path} holds Core ML packages, which run on Apple Silicon with coremltools "
-                            f"(backend coreml), and {why}; export the model with --format onnx to run it here")
-    return get_backend("coreml"), found
+    if name in ("auto", "coreml"):
+        backend = get_backend("coreml")
+        found = backend.probe()
+        if isinstance(found, Device) and found.compute_units:
+            return backend, found
+        why = found.reason if isinstance(found, Unavailable) else "coremltools cannot load packages here"
+    else:
+        why = f"backend {name} was asked for"
+    raise EdgediffError(f"{model.path} holds Core ML packages, which run on Apple Silicon with coremltools "
+                        f"(backend coreml), and {why}; export the model with --format onnx to run it here")
 
 
 class _Lease:
