@@ -229,6 +229,8 @@ def _export(args) -> None:
 
     start = time.perf_counter()
     coreml = args.format == "coreml"
+    if args.sizes is not None and not coreml:
+        raise EdgediffError("--sizes is for Core ML packages (--format coreml): ONNX exports take any size")
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise EdgediffError(f"--lora-dir {args.lora_dir} is not a folder")
     loras = _lora_args(args.lora, args.lora_dir)

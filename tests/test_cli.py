@@ -249,3 +249,10 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     monkeypatch.setattr(edgediff.cli, "_devices", interrupted)
     code, _, err = run(capsys, "devices")
     assert (code, err) == (130, "edgediff: interrupted\n")
+
+
+def test_sizes_outside_a_core_ml_export_is_refused(tmp_path, capsys):
+    """--sizes shapes Core ML packages; given to an ONNX export it would be ignored: one line instead."""
+    code, _, err = run(capsys, "export", "builtin", "--out", str(tmp_path / "x"), "--sizes", "512x512")
+    one_line_error(code, err, "--sizes is for Core ML packages (--format coreml)")
+    assert not (tmp_path / "x").exists()

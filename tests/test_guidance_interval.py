@@ -112,9 +112,11 @@ def _values(info) -> list:
     ((1.0,), EdgediffTypeError, "must be two sigmas (low, high)"),
 ])
 def test_bad_intervals_are_refused_in_one_line(pipe, interval, error, words):
-    with pytest.raises(error) as e:
-        pipe("a cat", num_inference_steps=2, width=64, height=64, guidance_interval=interval)
-    assert words in str(e.value) and "\n" not in str(e.value)
+    for guidance in (7.5, 1.0):  # refused even where guidance is off and the interval would go unused
+        with pytest.raises(error) as e:
+            pipe("a cat", num_inference_steps=2, width=64, height=64, guidance_scale=guidance,
+                 guidance_interval=interval)
+        assert words in str(e.value) and "\n" not in str(e.value)
 
 
 def test_bad_interval_on_the_command_line(tiny, tmp_path, capsys):

@@ -98,9 +98,10 @@ def test_tiny_decoder_mistakes_are_one_line(tiny, tmp_path, capsys):
         pipe("a cat", num_inference_steps=2, width=64, height=64, vae_decoder="taesd")
     with pytest.raises(EdgediffError, match="preview_every passes previews to the callback"):
         pipe("a cat", num_inference_steps=2, width=64, height=64, preview_every=1)
-    for ref, words in ((str(tmp_path / "none"), "is neither a folder nor a hub id"),
-                       (str(tiny("sd1")[0] / "vae"), "not a diffusers AutoencoderTiny")):
-        code = main(["export", str(tiny("sd1")[0]), "--out", str(tmp_path / "out"), "--tiny-vae", ref])
+    for ref, words, extra in ((str(tmp_path / "none"), "is neither a folder nor a hub id", []),
+                              (str(tiny("sd1")[0] / "vae"), "not a diffusers AutoencoderTiny", []),
+                              ("madebyollin/taesd", "for ONNX exports only", ["--format", "coreml"])):
+        code = main(["export", str(tiny("sd1")[0]), "--out", str(tmp_path / "out"), "--tiny-vae", ref, *extra])
         err = capsys.readouterr().err
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "out").exists()
