@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--tiny-vae", default=None, metavar="SOURCE",
                         help="also export a tiny autoencoder's decoder (TAESD: a folder, or a hub id such as "
                              "madebyollin/taesd) for drafts (generate --vae-decoder tiny) and previews")
+    export.add_argument("--deep-cache", nargs="?", const="auto", default=None, metavar="DEPTH",
+                        help="also export the UNet's shallow path for feature caching (generate "
+                             "--cache-interval N); DEPTH 1-3 (1 is fastest) or auto: measured at export")
     export.add_argument("--sizes", default=None, metavar="WxH,...",
                         help="Core ML: the image sizes the packages take (default: 512x512, or --width x --height)")
     export.add_argument("--width", type=int, default=512, help="Core ML: the image width, when --sizes is not given")
@@ -171,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="auto", help=backends)
     gen.add_argument("--budget", default=None,
                      help="memory budget, e.g. 4GB (default: 7GB, capped by what the device has free)")
+    gen.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                     help="feature caching (an export with --deep-cache): the full UNet every N steps, its "
+                          "shallow path between (default 1: every step, exact)")
     gen.add_argument("--vae-decoder", default="full", choices=("full", "tiny"),
                      help="tiny: the tiny autoencoder an export made with --tiny-vae has (drafts)")
     gen.add_argument("--no-safety-checker", action="store_true",
@@ -237,7 +243,7 @@ def _export(args) -> None:
     options = ExportOptions(dtype=args.dtype or ("fp16" if coreml else "fp32"),
                             attention=args.attention or ("standard" if coreml else "fused"),
                             slices=args.slices, safety_checker=not args.no_safety_checker, loras=loras,
-                            tiny_vae=args.tiny_vae)
+                            tiny_vae=args.tiny_vae, deep_cache=args.deep_cache)
     manifest = export_model(args.src, args.out, options, force=args.force, config=args.config,
                             prediction_type=args.prediction_type,
                             coreml=dict(sizes=_sizes(args), batch=args.batch,
@@ -302,7 +308,7 @@ def _generate(args) -> None:
                   scheduler=args.scheduler, num_images_per_prompt=args.batch, image=args.init_image,
                   strength=args.strength, mask_image=args.mask, progress=True, prompt_2=args.prompt_2,
                   negative_prompt_2=args.negative_2, timestep_spacing=args.timestep_spacing,
-                  guidance_interval=interval, vae_decoder=args.vae_decoder)
+                  guidance_interval=interval, vae_decoder=args.vae_decoder, cache_interval=args.cache_interval)
     flagged = result.nsfw_content_detected or [False] * len(paths)
     for image, params, path, nsfw in zip(result.images, result.parameters, paths, flagged):
         save_png(image, path, params.a1111())

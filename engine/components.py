@@ -7,7 +7,7 @@ Diffusion pipeline, so edgediff runs optimum's folders and optimum's tools read 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class TensorSpec:
 # Axes that a graph fixes at export (channels, widths); every other axis name is dynamic in the graph.
 FIXED_AXES = frozenset({"channels", "latent_channels", "moments", "rgb", "hidden", "clip_rgb", "clip_height",
                         "clip_width", "decoder_channels", "norms", "groups", "mean_var", "one", "pooled",
-                        "time_ids"})
+                        "time_ids", "feature_channels"})
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,26 @@ UNET_XL = ComponentSpec(
     outputs=_UNET_OUTPUTS,
     fp16_keep=UNET.fp16_keep + (r"/add_time_proj/", r"/add_embedding/"),  # sizes up to 4096 in sinusoids
 )
+
+# Feature caching (DeepCache, arXiv 2312.00858): an export with --deep-cache gives its UNet a second
+# output, the hidden state entering one of the last up block's layers (at the latent resolution), and
+# writes beside it a shallow UNet: conv_in, the first down block's first layers (the skips that layer
+# needs) and the last up block from that layer on, which takes the cached feature in place of
+# everything deeper. Between full steps the pipeline runs the shallow one on the feature of the last.
+CACHE_FEATURE = TensorSpec("cache_feature", "float32", ("batch", "feature_channels", "height", "width"))
+
+
+def with_cache_feature(unet: ComponentSpec) -> ComponentSpec:
+    """The full UNet that also returns the feature the shallow one takes."""
+    return replace(unet, outputs=unet.outputs + (CACHE_FEATURE,))
+
+
+def shallow_unet(unet: ComponentSpec) -> ComponentSpec:
+    """The shallow UNet of a family's UNet: its inputs and the cached feature in, the same noise out."""
+    return ComponentSpec("unet_shallow", inputs=unet.inputs + (CACHE_FEATURE,), outputs=unet.outputs,
+                         required=False, fp16_keep=unet.fp16_keep)
+
+
 VAE_ENCODER = ComponentSpec(
     "vae_encoder",
     inputs=(TensorSpec("sample", "float32", ("batch", "rgb", "image_height", "image_width")),),
@@ -164,4 +184,4 @@ FP32_FALLBACK = "model_fp32.onnx"
 
 VAE = (VAE_ENCODER, VAE_DECODER, VAE_DECODER_HEAD, VAE_DECODER_TAIL)
 # Every component any family has, for code that asks "is this folder an export at all?"
-COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, *VAE, VAE_DECODER_TINY, SAFETY_CHECKER)
+COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, shallow_unet(UNET), *VAE, VAE_DECODER_TINY, SAFETY_CHECKER)

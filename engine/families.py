@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .components import (SAFETY_CHECKER, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_XL, UNET, UNET_XL, VAE,
-                         ComponentSpec)
+                         ComponentSpec, shallow_unet)
 from .errors import EdgediffError
 
 
@@ -62,6 +62,11 @@ class Family:
     def components(self) -> tuple[ComponentSpec, ...]:
         """Every component an export of this family may have, in the order they run."""
         return (*(t.spec for t in self.text_encoders), self.unet, *VAE, SAFETY_CHECKER)
+
+    @property
+    def unet_shallow(self) -> ComponentSpec:
+        """The shallow UNet of an export with feature caching (engine/components.shallow_unet)."""
+        return shallow_unet(self.unet)
 
     @property
     def tokenizers(self) -> tuple[str, ...]:

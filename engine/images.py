@@ -100,6 +100,7 @@ class Parameters:
     # (low, high) sigmas: the unconditional pass ran only for steps whose sigma lies in them
     guidance_interval: tuple[float, float] | None = None
     vae: str | None = None  # AUTOMATIC1111's "VAE" field: the decoder, when not the model's own
+    cache_interval: int = 1  # feature caching: the full UNet ran every this many steps (1: every step)
 
     def a1111(self) -> str:
         fields = [("Steps", self.steps), ("Sampler", self.sampler)]
@@ -108,6 +109,8 @@ class Parameters:
         fields += [("CFG scale", _num(self.cfg_scale))]
         if self.guidance_interval:
             fields.append(("Guidance interval", "-".join(_num(v) for v in self.guidance_interval)))
+        if self.cache_interval > 1:  # the name the sd-webui-deepcache extension's settings use
+            fields.append(("DeepCache interval", self.cache_interval))
         fields += [("Seed", self.seed), ("Size", f"{self.width}x{self.height}"), ("Model", self.model)]
         if self.vae:
             fields.append(("VAE", self.vae))

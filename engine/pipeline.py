@@ -30,6 +30,7 @@ from . import arguments as arg
 from . import noise as rnd
 from .plan import Plan, Request, make_plan, parse_budget
 from .tiling import shared_stats_decode, tiled
+from .deepcache import HALVES, FeatureCache
 from .components import (COMPONENTS, FP32_FALLBACK, HIDDEN_SCALE, SAFETY_CHECKER, VAE_DECODER, VAE_DECODER_HEAD,
                          VAE_DECODER_TAIL, VAE_DECODER_TINY, VAE_ENCODER, ComponentSpec)
 from .errors import EdgediffError, EdgediffTypeError
@@ -354,7 +355,7 @@ class Pipeline:
         try:
             yield lease
         finally:
-            if spec.name not in plan.resident:
+            if not plan.keeps(spec.name):
                 self._sessions.pop(spec.name, None)
                 lease.session = None
                 gc.collect()
@@ -403,6 +404,7 @@ class Pipeline:
         guidance_interval: tuple[float, float] | None = None,
         vae_decoder: str = "full",
         preview_every: int | None = None,
+        cache_interval: int = 1,
     ) -> GenerationResult:
         """Generate. The arguments are diffusers' StableDiffusion(XL)Pipeline's. Models with two text
         encoders (SDXL) also take `prompt_2` and `negative_prompt_2` (for the second encoder; default: the
@@ -426,7 +428,11 @@ class Pipeline:
         --tiny-vae madebyollin/taesd`): drafts at a fraction of the VAE's cost. `preview_every=N` passes
         the callback a fourth argument, every N steps and at the last one a preview of each image (PIL;
         else None): the tiny autoencoder's decode when the export has one, else the family's cheap
-        latent-to-RGB projection at latent resolution."""
+        latent-to-RGB projection at latent resolution.
+
+        `cache_interval=N` (an export with --deep-cache) runs the full UNet every N steps and its shallow
+        path, on the deep feature the last full step left, in between (engine/deepcache.py: DeepCache):
+        fewer UNet FLOPs for a picture close to, not equal to, the exact one. 1, the default, is exact."""
         timings: dict[str, float] = {}
         model = self.model
         family = model.family
@@ -491,15 +497,22 @@ class Pipeline:
         cfg = guidance_scale > 1.0  # diffusers: guidance 1 or less means the conditional pass alone
         interval = _interval(guidance_interval)  # checked even where guidance is off (and then unused)
         interval = interval if cfg else None
+        cache_interval = arg.whole("cache_interval", cache_interval, 1, None, " steps")
+        if cache_interval > 1 and not model.has(family.unet_shallow):
+            raise EdgediffError(f"cache_interval {cache_interval} needs an export with feature caching: export "
+                                f"{model.name} again with --deep-cache, or use cache_interval 1")
+        if cache_interval > 1 and loras:
+            raise EdgediffError("feature caching with LoRAs is not supported yet (the shallow UNet would run "
+                                "without them): use cache_interval 1, or bake the LoRAs in with export --lora")
 
         self._apply(loras)
 
         # 2. The memory plan for this request, before anything is loaded; a leaner plan than the last
         # frees what it does not keep first.
-        request = Request(width, height, batch, cfg, img2img=init_image is not None)
+        request = Request(width, height, batch, cfg, img2img=init_image is not None, cache_interval=cache_interval)
         plan = self.make_plan(request) if plan is None else self._given_plan(plan, request)
         self.plan = plan  # the last plan made, for describe(); the stages below read `plan` alone
-        for name in [n for n in self._sessions if n not in plan.resident]:
+        for name in [n for n in self._sessions if not plan.keeps(n)]:
             del self._sessions[name]
         gc.collect()
         _reset_peak_memory()
@@ -539,11 +552,14 @@ class Pipeline:
             extra = np.concatenate([mask_latents, masked_latents], axis=1)  # (B, 5, h, w)
 
         # 5. Denoise: UNet on (uncond, cond), guidance, scheduler step. With a guidance interval, the steps
-        # outside it run the conditional half alone.
+        # outside it run the conditional half alone; with a cache interval, the UNet's shallow path runs on
+        # the last full step's deep feature between full steps.
         state = None
         steps = range(start, len(schedule))
         bar = _progress(len(steps), progress)
-        with self._using(family.unet, plan) as unet, closing(bar):  # the bar ends its line even when a step raises
+        with ExitStack() as stack, closing(bar):  # the bar ends its line even when a step raises
+            shallow = stack.enter_context(self._using(family.unet_shallow, plan)) if cache_interval > 1 else None
+            unet = FeatureCache(stack.enter_context(self._using(family.unet, plan)), shallow, cache_interval)
             if plan.cfg_batched:  # the same conditioning every step: on a GPU, sent to it once (IO binding)
                 for name, value in conditioning.items():
                     unet.keep(name, value)
@@ -559,13 +575,14 @@ class Pipeline:
                 with _timed(timings, "unet"):
                     # (the conditioning is passed whenever an interval may change it between steps: a kept
                     # input given another array is sent again and kept)
-                    calls = [(model_input, conditioning if interval else {})] if guided and plan.cfg_batched else \
-                        list(zip(np.split(model_input, 2), halves)) if guided else [(model_input, halves[-1])]
+                    calls = [(model_input, conditioning if interval else {}, HALVES)] if guided and plan.cfg_batched \
+                        else list(zip(np.split(model_input, 2), halves, ((h,) for h in HALVES))) if guided \
+                        else [(model_input, halves[-1], HALVES[-1:])]
                     out = []
-                    for sample, c in calls:  # both halves at once; or uncond, then cond; or cond alone
+                    for sample, c, rows in calls:  # both halves at once; or uncond, then cond; or cond alone
                         if unet_inputs is not None:
                             unet_inputs({**conditioning, **c, "sample": sample, "timestep": t[:len(sample)]})
-                        out.append(unet.run(sample=sample, timestep=t[:len(sample)], **c)["out_sample"])
+                        out.append(unet.run(n, rows, sample=sample, timestep=t[:len(sample)], **c))
                     out = np.concatenate(out)
                 if guided:
                     uncond, cond = np.split(out, 2)
@@ -620,7 +637,7 @@ class Pipeline:
         params = [Parameters(prompts[k // num_images_per_prompt], negatives[k // num_images_per_prompt],
                              num_inference_steps, sampler, guidance_scale, seeds[k], width, height, model.name,
                              strength_note, schedule_type, hashes, interval,
-                             "TAESD" if vae_decoder == "tiny" else None) for k in range(batch)]
+                             "TAESD" if vae_decoder == "tiny" else None, cache_interval) for k in range(batch)]
         return GenerationResult(images, seeds, params, timings, nsfw_content_detected=flagged, plan=plan,
                                 peak_memory=_peak_memory(), fp32_reruns=reruns,
                                 loras=[(lora.name, w) for lora, w in loras])

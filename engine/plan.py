@@ -51,6 +51,7 @@ TILE_OVERLAP = 64  # pixels blended between neighbouring tiles
 # receptive field (48 px for SD) on every side, so a smaller core gives about the same area as TILE.
 SPLIT_TILE = 192
 SPLIT_DECODER = ("vae_decoder_head", "vae_decoder_tail")
+UNET_NAME, SHALLOW_UNET = "unet", "unet_shallow"
 # The tail's graph needs more than its live-tensor profile says, unlike the other graphs: measured with
 # SD 1.5's tail at 48x48 hidden pixels, 516 MB against 216 MB predicted (its shared-statistics
 # GroupNorms hold several full-size temporaries that ONNX Runtime does not reuse in place).
@@ -90,6 +91,9 @@ class Request:
     # keeps its own prepacked copies too). They count on unified memory; a card gets the same bytes it
     # would without them.
     held: int = 0
+    # feature caching (engine/deepcache.py): the full UNet every this many steps, the shallow one between;
+    # 1 is exact. The shallow UNet's weights are held beside the full one's.
+    cache_interval: int = 1
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,11 @@ class Plan:
         together = sum(needs[n] for n in alive if n in needs)
         return int(self.session_memory_limit * needs[name] / max(together, 1))
 
+    def keeps(self, name: str) -> bool:
+        """Whether the component's session stays loaded for the run: the shallow UNet lives as the
+        UNet does."""
+        return (UNET_NAME if name == SHALLOW_UNET else name) in self.resident
+
     @property
     def predicted_peak(self) -> int:
         return max(s.peak for s in self.stages)
@@ -155,6 +164,8 @@ class Plan:
         attention = f"sliced attention ({self.slices} slices)" if self.attention == "sliced" else \
             f"{self.attention} attention"
         cfg = "cfg batched" if self.cfg_batched else "cfg one after the other"
+        if r.cache_interval > 1:
+            cfg += f", full UNet every {r.cache_interval} steps (feature cache)"
         return (f"{self.rung} plan on {self.backend}: {r.width}x{r.height} x{r.batch}, {self.dtype}, "
                 f"{attention}, {cfg}, {vae}; predicted peak {_gb(self.predicted_peak)} "
                 f"of a {_gb(self.budget)} budget")
@@ -235,6 +246,8 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
     if tile and split:
         decode, margin, decode_detail = _split_decode(parts, request, f, tile)
     decoder = SPLIT_DECODER if margin else ("vae_decoder",)
+    unet_parts = (UNET_NAME, SHALLOW_UNET) if request.cache_interval > 1 and SHALLOW_UNET in parts else (UNET_NAME,)
+    parts_of = {"vae_decoder": decoder, UNET_NAME: unet_parts}
 
     family = getattr(model, "family", SD1)  # a model described by hand (tools, tests) without one is SD 1.x
     texts = [t.spec.name for t in family.text_encoders]
@@ -263,10 +276,10 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         if name in on_host:  # its memory is the host's, not the device's: nothing of the budget
             stages.append(Stage(name, cost.fixed, f"{runs[name][1]}; on the host CPU"))
             continue
-        held = [part for n in held for part in (decoder if n == "vae_decoder" else (n,))]
+        held = [part for n in held for part in parts_of.get(n, (n,))]
         weights = sum(parts[n].weights for n in held if n in parts)
         act, detail = runs[name]
-        for part in (decoder if name == "vae_decoder" else (name,)):
+        for part in parts_of.get(name, (name,)):
             if part in parts:
                 needs[part] = int(cost.weights * parts[part].weights) + int(cost.activations * act) + cost.session
         peak = cost.fixed + int(cost.weights * weights) + int(cost.activations * act) + cost.session * len(held) \

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..engine.clip_vocab import add_vocab_files
 from ..engine.components import (FP32_FALLBACK, SAFETY_CHECKER, UNET, VAE, VAE_DECODER, VAE_DECODER_HEAD,
-                                 VAE_DECODER_TAIL, VAE_DECODER_TINY, VAE_ENCODER, ComponentSpec)
+                                 VAE_DECODER_TAIL, VAE_DECODER_TINY, VAE_ENCODER, ComponentSpec, with_cache_feature)
 from ..engine.families import Family, recognise
 from ..engine.errors import EdgediffError, first_line
 from ..engine.files import atomic_folder, check_out
@@ -89,6 +89,9 @@ class ExportOptions:
     # a tiny autoencoder (diffusers' AutoencoderTiny: a hub id such as madebyollin/taesd, or a folder)
     # whose decoder is exported beside the VAE's, as vae_decoder_tiny
     tiny_vae: str | None = None
+    # feature caching (engine/components.shallow_unet): None off; "auto" the depth measured at export
+    # (_cache_depth), or a depth "1".."3" (SD's last up block has 3 layers; 1 is the cheapest)
+    deep_cache: str | None = None
 
     def __post_init__(self):
         if self.dtype not in MIN_PSNR:
@@ -98,6 +101,10 @@ class ExportOptions:
         if self.slices < 1 or self.slices & (self.slices - 1):
             raise EdgediffError(f"--slices must be a power of two (got {self.slices})")
         object.__setattr__(self, "loras", tuple((str(p), float(w)) for p, w in self.loras))
+        if self.deep_cache is not None:
+            object.__setattr__(self, "deep_cache", str(self.deep_cache))
+            if not (self.deep_cache == "auto" or self.deep_cache in "123" and len(self.deep_cache) == 1):
+                raise EdgediffError(f"--deep-cache takes auto or a depth 1, 2 or 3, not {self.deep_cache!r}")
 
     def key(self) -> str:
         """A short name for cache folders: the options that change the graphs."""
@@ -112,6 +119,8 @@ class ExportOptions:
             import hashlib
 
             k += "-tiny" + hashlib.sha256(str(self.tiny_vae).encode()).hexdigest()[:8]
+        if self.deep_cache:
+            k += f"-deepcache{self.deep_cache}"
         return k + ("" if self.safety_checker else "-nosafety")
 
 
@@ -165,6 +174,7 @@ def export_onnx(src: str | Path, out: str | Path, options: ExportOptions = Expor
                 "loras": [{"name": Path(f).stem, "hash": h, "weight": w} for (f, w), h in
                           zip(options.loras, weight_map.lora_hashes(options.loras))],
                 "tiny_vae": options.tiny_vae,
+                "deep_cache": options.deep_cache,
                 "components": {r.name: asdict(r) for r in reports},
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -261,7 +271,7 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
     bar = tqdm(total=len(specs), desc="exporting", unit="component", disable=None, leave=False)
     g = torch.Generator().manual_seed(0)
     index = json.loads((src / "model_index.json").read_text())
-    vae_cache, tail_shape, reports, slots = {}, {}, [], {}
+    vae_cache, tail_shape, reports, slots, cached = {}, {}, [], {}, {}
     # LoRAs to bake in, matched against the source's weights before anything is exported
     baked = weight_map.bake_plan(src, family, unet_config, options.loras) if options.loras else {}
     # and the tiny autoencoder found and checked, before anything is exported too
@@ -298,7 +308,21 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
             pixels = float(size * vae_scale)
             args["text_embeds"] = torch.randn(2, pooled, generator=g)
             args["time_ids"] = torch.tensor([[pixels, pixels, 0.0, 0.0, pixels, pixels]] * 2)
-        return wrappers.Unet(m, [t.name for t in spec.inputs]), tuple(args[t.name] for t in spec.inputs), "unet"
+        names, args = [t.name for t in spec.inputs], tuple(args[t.name] for t in spec.inputs)
+        if not options.deep_cache:
+            return wrappers.Unet(m, names), args, "unet"
+        depth, scores = _cache_depth(m, names, args, options.deep_cache)
+        _, feature = wrappers.UnetWithFeature(m, names, depth)(*args)
+        cached.update(depth=depth, scores=scores, feature=feature, args=args, names=names)
+        return wrappers.UnetWithFeature(m, names, depth), args, "unet"
+
+    def unet_shallow(spec):
+        from diffusers import UNet2DConditionModel
+
+        m = UNet2DConditionModel.from_pretrained(src / "unet").eval()  # the UNet's export freed its copy
+        weight_map.bake(m, baked.get(family.unet.name), text=False)
+        return (wrappers.UnetShallow(m, cached["names"], cached["depth"]), (*cached["args"], cached["feature"]),
+                "unet")
 
     def vae(spec):
         from diffusers import AutoencoderKL
@@ -336,21 +360,29 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
 
     # How to build each component in PyTorch, by the role its description plays in the family.
     builders = {**{t.spec.name: text_encoder for t in family.text_encoders}, "unet": unet,
-                **{v.name: vae for v in VAE}, SAFETY_CHECKER.name: safety_checker}
+                family.unet_shallow.name: unet_shallow, **{v.name: vae for v in VAE},
+                SAFETY_CHECKER.name: safety_checker}
+    if options.deep_cache and family.unet in specs:  # the shallow UNet right after the full one
+        specs.insert(specs.index(family.unet) + 1, family.unet_shallow)
     for spec in specs:
         module, args, config_dir = builders[spec.name](spec)
+        if spec is family.unet and options.deep_cache:
+            spec = with_cache_feature(spec)
         folder = tmp / spec.name
         folder.mkdir()
         shutil.copy2(src / config_dir / "config.json", folder / "config.json")
         holder = [module]
         del module  # _export_one frees the weights before ONNX Runtime loads its copy
-        has_attention = spec in (family.unet, VAE_ENCODER, VAE_DECODER, VAE_DECODER_HEAD)
+        has_attention = spec.name in (family.unet.name, family.unet_shallow.name, VAE_ENCODER.name,
+                                      VAE_DECODER.name, VAE_DECODER_HEAD.name)
         # The UNet's and the text encoders' weights are mapped for LoRAs and embeddings at load time
-        mapped = "text" if spec.name in slots else "unet" if spec is family.unet else None
+        mapped = "text" if spec.name in slots else "unet" if spec.name == family.unet.name else None
         report = _export_one(spec, holder, args, folder / "model.onnx", options, has_attention, mapped,
                              slots.get(spec.name))
         if spec is VAE_DECODER_TAIL:
             report.extra = dict(tail_shape)
+        if spec.name == family.unet_shallow.name:
+            report.extra = {"cache_depth": cached["depth"], "cache_psnr": cached["scores"]}
         if profile_memory and spec is not SAFETY_CHECKER:  # the checker's input is fixed at 224 px
             report.activations = memory_profile.profile(folder / "model.onnx", spec, vae_scale)
         reports.append(report)
@@ -375,6 +407,39 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
         if profile_memory:
             unet_report.activations = memory_profile.profile(tmp / UNET.onnx_path, family.unet, vae_scale)
     return family, reports
+
+
+# The adjacent-step PSNR a caching depth must reach for "auto" to take it: the shallow network's noise
+# prediction on the next step (from the feature of this one) against the full UNet's.
+CACHE_MIN_PSNR = 30.0
+CACHE_STEP = 20  # timesteps between the two steps measured: adjacent steps of a 50-step schedule
+
+
+def _cache_depth(m, names: list[str], args: tuple, choice: str) -> tuple[int, dict]:
+    """The caching depth (wrappers.UnetShallow) and each depth's measured PSNR: the shallow network runs
+    the next step from the feature the full UNet left at this one, against the full UNet on that step.
+    "auto" takes the cheapest depth that reaches CACHE_MIN_PSNR, or the deepest when none does."""
+    from . import wrappers
+
+    full = wrappers.Unet(m, names)
+    sample, timestep, *rest = args
+    # the next step's sample: this one moved a small way along the predicted noise, as a solver would
+    later = (sample - 0.05 * full(*args), timestep - CACHE_STEP, *rest)
+    want = full(*later).numpy()
+    scores = {}
+    for depth in range(1, wrappers.cache_depths(m) + 1):
+        _, feature = wrappers.UnetWithFeature(m, names, depth)(*args)
+        got = wrappers.UnetShallow(m, names, depth)(*later, feature).numpy()
+        score = tensor_psnr(got, want)[0]
+        scores[str(depth)] = None if score is None else round(score, 2)
+    if choice != "auto":
+        depth = int(choice)
+        if str(depth) not in scores:
+            raise EdgediffError(f"--deep-cache {depth}: this UNet's last up block has {len(scores)} layers; "
+                                f"use a depth from 1 to {len(scores)}, or auto")
+        return depth, scores
+    good = [int(d) for d, v in scores.items() if v is None or v >= CACHE_MIN_PSNR]
+    return (min(good) if good else len(scores)), scores
 
 
 def _tiny_vae_source(ref: str, vae_config: dict) -> Path:

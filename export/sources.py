@@ -74,6 +74,9 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     """Export any source to `out` and return the manifest (out/edgediff.json): ONNX in optimum's
     layout, or Core ML packages when `coreml` gives their shapes (sizes: [(width, height), ...], batch, and
     optionally compute_units)."""
+    if coreml is not None and options.deep_cache:
+        raise EdgediffError("--deep-cache is for ONNX exports: Core ML packages have no shallow UNet yet; "
+                            "leave out --deep-cache or --format coreml")
     if coreml is not None and options.tiny_vae:
         raise EdgediffError("--tiny-vae exports a tiny autoencoder for ONNX exports only; leave it out with "
                             "--format coreml")

@@ -34,6 +34,86 @@ class Unet(torch.nn.Module):
         return self.m(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond, return_dict=False)[0]
 
 
+# -- feature caching (DeepCache, arXiv 2312.00858) -----------------------------------------------------
+#
+# The last up block's layers each take the hidden state from below and one skip from the first down
+# block (or conv_in). With depth d, the shallow network recomputes only what the last d layers of the up
+# block need: conv_in and the first d - 1 layers of the first down block (their skips), then those d up
+# layers and the output convolution, on a hidden state cached from the last full step. d = 1 is the
+# cheapest (DeepCache's branch 0); the export measures each depth and picks one (onnx_export._cache_depth).
+
+def _layers(block) -> list:
+    """(resnet, attention or None) pairs of a diffusers down or up block, in order."""
+    attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+    return list(zip(block.resnets, attentions))
+
+
+def _layer(resnet, attn, h, emb, context):
+    """One layer as diffusers' CrossAttn{Down,Up}Block2D runs it (no masks, no FreeU)."""
+    h = resnet(h, emb)
+    return h if attn is None else attn(h, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def cache_depths(m) -> int:
+    """How many depths the last up block offers: its layers (SD's: 3)."""
+    return len(m.up_blocks[-1].resnets)
+
+
+class UnetWithFeature(Unet):
+    """The full UNet, also returning the hidden state entering the last up block's layer that the
+    shallow network of `depth` starts at (its part from below, without the skip it is joined to)."""
+
+    def __init__(self, m, inputs, depth: int):
+        super().__init__(m, inputs)
+        self.depth = depth
+        self.skip_channels = m.config.block_out_channels[0]  # every skip of the last up block has these
+
+    def forward(self, *args):
+        captured = []
+        resnet = self.m.up_blocks[-1].resnets[cache_depths(self.m) - self.depth]
+        hook = resnet.register_forward_pre_hook(
+            lambda module, inputs: captured.append(inputs[0][:, :inputs[0].shape[1] - self.skip_channels]))
+        try:
+            out = super().forward(*args)
+        finally:
+            hook.remove()
+        return out, captured[0]
+
+
+class UnetShallow(torch.nn.Module):
+    """(UNet inputs..., cache_feature) -> the noise prediction, computing only the shallow path."""
+
+    def __init__(self, m, inputs, depth: int):
+        super().__init__()
+        self.m, self.inputs, self.depth = m, tuple(inputs), depth
+        if m.config.center_input_sample or m.class_embedding is not None:
+            raise ValueError("feature caching supports UNets without input centring or class embeddings")
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        *added, feature = rest
+        m, depth = self.m, self.depth
+        added_cond = dict(zip(self.inputs[3:], added))
+        # diffusers' UNet2DConditionModel.forward up to conv_in: time and added embeddings
+        emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), None)
+        aug = m.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond)
+        emb = emb + aug if aug is not None else emb
+        if m.time_embed_act is not None:
+            emb = m.time_embed_act(emb)
+        context = m.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
+                                                  added_cond_kwargs=added_cond)
+        h = m.conv_in(sample)
+        skips = [h]
+        for resnet, attn in _layers(m.down_blocks[0])[:depth - 1]:
+            h = _layer(resnet, attn, h, emb, context)
+            skips.append(h)
+        h = feature
+        for resnet, attn in _layers(m.up_blocks[-1])[cache_depths(m) - depth:]:
+            h = _layer(resnet, attn, torch.cat([h, skips.pop()], dim=1), emb, context)
+        if m.conv_norm_out is not None:
+            h = m.conv_act(m.conv_norm_out(h))
+        return m.conv_out(h)
+
+
 class VaeEncoder(torch.nn.Module):
     def __init__(self, m):
         super().__init__()
