@@ -146,6 +146,10 @@ def run_edgediff(spec: dict) -> dict:
     call = dict(negative_prompt=spec["negative"] or None, guidance_scale=spec["guidance"], width=spec["width"],
                 height=spec["height"], scheduler=spec["scheduler"], num_images_per_prompt=spec["batch"],
                 seed=spec["seed"], latents=latents)
+    # the speed levers a row asks for (bench/protocols.EdgediffOptions), each off by default
+    interval = options.get("guidance_interval")
+    call.update(cache_interval=int(options.get("cache", 1)), vae_decoder=options.get("vae", "full"),
+                guidance_interval=tuple(float(v) for v in interval.split("-")) if interval else None)
     if spec["warmup_steps"]:
         peak.read()  # each call resets VmHWM when it starts
         start = time.perf_counter()
@@ -184,7 +188,8 @@ def _rung_budget(spec: dict, rung: str, backend: str) -> int:
     model = read_model_folder(spec["model"])
     facts = component_facts(model)
     _, device = select(backend)
-    request = Request(spec["width"], spec["height"], spec["batch"], cfg=spec["guidance"] > 1)
+    request = Request(spec["width"], spec["height"], spec["batch"], cfg=spec["guidance"] > 1,
+                      cache_interval=int(spec["options"].get("cache", 1)))
     peaks = {r[0]: _plan(model, facts, request, device, 10**13, *r).predicted_peak for r in RUNGS}
     names = [r[0] for r in RUNGS]
     faster = [peaks[n] for n in names[:names.index(rung)]]

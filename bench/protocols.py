@@ -58,9 +58,29 @@ PROTOCOLS = {
     "tiny": Protocol("tiny", "builtin", 64, 64, 8),
 }
 
-# Export variants an edgediff row may ask for, beyond --dtype: name -> ExportOptions fields. A hook for
-# the int8 "fast" export, which will register itself here.
-VARIANTS: dict[str, dict] = {"default": {}}
+def _taesd() -> dict:
+    from ..engine.files import cache_root
+    from .random_weights import taesd
+
+    return {"tiny_vae": str(taesd(cache_root() / "bench" / "taesd-random-seed0"))}
+
+
+# Export variants an edgediff row may ask for, beyond --dtype: name -> a function giving ExportOptions
+# fields (evaluated in the child process that exports). A row names one, or several joined by "+"
+# ("deepcache+tinyvae"). tinyvae's autoencoder has TAESD's architecture and random weights.
+VARIANTS: dict[str, object] = {
+    "default": dict,
+    "deepcache": lambda: {"deep_cache": "auto"},  # the shallow UNet for cache=N (depth measured at export)
+    "tinyvae": _taesd,  # the tiny decoder for vae=tiny
+}
+
+
+def variant_options(variant: str) -> dict:
+    """The ExportOptions fields of a variant name ("default", "deepcache", "deepcache+tinyvae")."""
+    options = {}
+    for name in variant.split("+"):
+        options.update(VARIANTS[name]())
+    return options
 DTYPES = ("fp32", "fp16", "int8")
 BENCH_MODELS = ("sd15", "sdxl")  # built locally with random weights (bench/export_memory.MODELS)
 PEERS = ("diffusers", "optimum")
@@ -95,11 +115,22 @@ class EdgediffOptions:
     budget: str | None = None  # the memory budget given to the planner ("4GB")
     variant: str = "default"  # an export variant of VARIANTS
     backend: str = "cpu"  # cpu keeps rows comparable with the CPU peers; auto, cuda, rocm, coreml
+    # the generation's speed levers (issue 15), each off by default: feature caching every `cache` steps
+    # (variant deepcache), guidance only for sigmas in "LOW-HIGH", the tiny decoder (variant tinyvae)
+    cache: int = 1
+    guidance_interval: str | None = None
+    vae: str = "full"
 
     def label(self) -> str:
         parts = ["edgediff", self.dtype]
         if self.variant != "default":
             parts.append(self.variant)
+        if int(self.cache) > 1:
+            parts.append(f"cache {self.cache}")
+        if self.guidance_interval:
+            parts.append(f"cfg in {self.guidance_interval}")
+        if self.vae != "full":
+            parts.append(f"{self.vae} vae")
         if self.plan:
             parts.append(self.plan)
         if self.budget:
@@ -113,8 +144,24 @@ class EdgediffOptions:
 
         if self.dtype not in DTYPES:
             raise EdgediffError(f"unknown dtype {self.dtype!r}; use one of: {', '.join(DTYPES)}")
-        if self.variant not in VARIANTS:
-            raise EdgediffError(f"unknown export variant {self.variant!r}; this edgediff has: {', '.join(VARIANTS)}")
+        for name in str(self.variant).split("+"):
+            if name not in VARIANTS:
+                raise EdgediffError(f"unknown export variant {name!r}; this edgediff has: {', '.join(VARIANTS)} "
+                                    "(join several with +)")
+        try:
+            cache = int(self.cache)
+            interval = None if not self.guidance_interval else \
+                tuple(float(v) for v in str(self.guidance_interval).split("-"))
+        except ValueError:
+            raise EdgediffError(f"--edgediff cache={self.cache} guidance_interval={self.guidance_interval}: "
+                                "cache takes a whole number of steps, guidance_interval LOW-HIGH sigmas "
+                                "(0.28-5.42)") from None
+        if cache < 1 or (interval is not None and len(interval) != 2):
+            raise EdgediffError("--edgediff: cache must be at least 1, guidance_interval two sigmas LOW-HIGH")
+        if cache > 1 and "deepcache" not in str(self.variant).split("+"):
+            raise EdgediffError(f"--edgediff cache={cache} needs the deepcache export: add variant=deepcache")
+        if self.vae not in ("full", "tiny") or (self.vae == "tiny" and "tinyvae" not in str(self.variant).split("+")):
+            raise EdgediffError(f"--edgediff vae={self.vae}: full, or tiny with variant=tinyvae")
         rungs = [r[0] for r in RUNGS]
         if self.plan is not None and self.plan not in rungs:
             raise EdgediffError(f"unknown plan {self.plan!r}; use one of: {', '.join(rungs)}")
@@ -160,7 +207,7 @@ def prepare(model: str, dtype: str = "fp32", variant: str = "default") -> dict:
     from ..export.onnx_export import ExportOptions
     from ..export.sources import ensure_exported, export_model
 
-    options = ExportOptions(dtype=dtype, **VARIANTS[variant])
+    options = ExportOptions(dtype=dtype, **variant_options(variant))
     folder = Path(model).expanduser()
     if model in BENCH_MODELS:
         from .export_memory import built, exported
@@ -210,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     prep = sub.add_parser("prepare", help="export a model for the benchmark; print its folders as JSON")
     prep.add_argument("model")
     prep.add_argument("--dtype", default="fp32", choices=DTYPES)
-    prep.add_argument("--variant", default="default", choices=sorted(VARIANTS))
+    prep.add_argument("--variant", default="default", help=f"{', '.join(VARIANTS)}, or several joined by +")
     args = p.parse_args(argv)
     try:
         folders = prepare(args.model, args.dtype, args.variant)

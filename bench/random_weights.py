@@ -62,3 +62,20 @@ def text_encoder(config: dict):
 
 def _init_args(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def taesd(out: Path, seed: int = 0) -> Path:
+    """A tiny autoencoder with TAESD's architecture (diffusers' AutoencoderTiny defaults are
+    madebyollin/taesd's config) and random weights, saved once as a diffusers folder: the tiny-VAE lever's
+    speed (its picture is noise, as the random SD's is)."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from ..engine.files import atomic_folder
+
+    with atomic_folder(out) as tmp:
+        torch.manual_seed(seed)
+        AutoencoderTiny().save_pretrained(tmp, safe_serialization=True)
+    return out

@@ -135,6 +135,10 @@ def test_compare_renders_table_and_png(tiny_report, tmp_path, capsys):
     (["bench", "--protocol", "tiny", "--edgediff", "dtype=int4"], ["unknown dtype 'int4'"]),
     (["bench", "--protocol", "tiny", "--variant", "int8"], ["unknown export variant 'int8'"]),
     (["bench", "--protocol", "tiny", "--plan", "fastest"], ["unknown plan 'fastest'", "resident"]),
+    (["bench", "--protocol", "tiny", "--edgediff", "cache=3"], ["cache=3 needs the deepcache export"]),
+    (["bench", "--protocol", "tiny", "--edgediff", "variant=deepcache,cache=x"], ["cache takes a whole number"]),
+    (["bench", "--protocol", "tiny", "--edgediff", "vae=tiny"], ["vae=tiny", "variant=tinyvae"]),
+    (["bench", "--protocol", "tiny", "--edgediff", "variant=deepcache+int4"], ["unknown export variant 'int4'"]),
     (["bench", "--protocol", "tiny", "--edgediff", "fp16"], ["key=value"]),
     (["bench", "--protocol", "tiny", "--width", "100"], ["--width 100", "multiple of 8"]),
     (["bench", "compare", "NOWHERE.json"], ["no bench report at", "NOWHERE.json"]),
@@ -215,3 +219,26 @@ def test_fused_attention_flops_are_counted(tmp_path):
                                                       helper.make_opsetid("com.microsoft", 1)]), str(path))
     b, s = 2, 256
     assert graph_flops(path, {"q": {0: b, 1: s}, "k": {0: b}, "v": {0: b}}) == 2 * (2 * b * s * 77 * 64)
+
+
+@pytest.mark.slow
+def test_speed_levers_are_rows_of_one_run(tmp_path):
+    """Feature caching and the guidance interval as bench rows beside the exact plan: each row runs its
+    lever (the plan says the cache interval) and is scored against the exact picture."""
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["bench", "--protocol", "tiny", "--steps", "6", "--edgediff", "dtype=fp32",
+                     "--edgediff", "variant=deepcache,cache=3", "--edgediff", "guidance_interval=0.5-20",
+                     "--json", str(tmp_path / "levers.json"), "--out-dir", str(tmp_path / "run")])
+    assert code == 0, out.getvalue()
+    rows = {r["name"]: r for r in json.loads((tmp_path / "levers.json").read_text())["rows"]}
+    assert set(rows) == {"edgediff fp32", "edgediff fp32 deepcache cache 3", "edgediff fp32 cfg in 0.5-20"}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    cached = rows["edgediff fp32 deepcache cache 3"]
+    assert "full UNet every 3 steps" in cached["plan"]
+    assert rows["edgediff fp32"]["psnr_note"] == "reference"
+    assert cached["psnr_db"] is not None and cached["psnr_db"] > 0  # a figure: not the exact picture
+    assert rows["edgediff fp32 cfg in 0.5-20"]["psnr_db"] is not None
