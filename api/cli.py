@@ -177,8 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache-interval", type=int, default=1, metavar="N",
                      help="feature caching (an export with --deep-cache): the full UNet every N steps, its "
                           "shallow path between (default 1: every step, exact)")
-    gen.add_argument("--vae-decoder", default="full", choices=("full", "tiny"),
-                     help="tiny: the tiny autoencoder an export made with --tiny-vae has (drafts)")
+    gen.add_argument("--vae-decoder", default="full", choices=("full", "tiny", "int8"),
+                     help="tiny: the tiny autoencoder an export made with --tiny-vae has (drafts); int8: the "
+                          "int8 decoder an export with --dtype int8 has")
     gen.add_argument("--no-safety-checker", action="store_true",
                      help="do not run the model's safety checker (which blacks out flagged images)")
     gen.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",

@@ -31,7 +31,7 @@ from . import noise as rnd
 from .plan import Plan, Request, make_plan, parse_budget
 from .tiling import shared_stats_decode, tiled
 from .deepcache import HALVES, FeatureCache
-from .components import (COMPONENTS, FP32_FALLBACK, HIDDEN_SCALE, SAFETY_CHECKER, VAE_DECODER, VAE_DECODER_HEAD,
+from .components import (COMPONENTS, FP32_FALLBACK, INT8_GRAPH, HIDDEN_SCALE, SAFETY_CHECKER, VAE_DECODER, VAE_DECODER_HEAD,
                          VAE_DECODER_TAIL, VAE_DECODER_TINY, VAE_ENCODER, ComponentSpec)
 from .errors import EdgediffError, EdgediffTypeError
 from .images import Parameters, mask_to_tensor, open_image, to_pil, to_tensor
@@ -310,7 +310,7 @@ class Pipeline:
 
         path, dtype = self.model.component(spec), self.model.dtype(spec.name)
         if graph is not None:
-            path, dtype = path.with_name(graph), "fp32"
+            path, dtype = path.with_name(graph), "int8" if graph == INT8_GRAPH else "fp32"
         elif spec is self.model.family.unet and plan is not None and plan.needs_export:
             path = self._variant(plan.needs_export) / spec.onnx_path
         backend, device = self.backend, self.device
@@ -425,7 +425,8 @@ class Pipeline:
         run the conditional pass alone, one UNet call of B rows instead of 2B. Off by default.
 
         `vae_decoder="tiny"` decodes with the tiny autoencoder exported beside the VAE (`export
-        --tiny-vae madebyollin/taesd`): drafts at a fraction of the VAE's cost. `preview_every=N` passes
+        --tiny-vae madebyollin/taesd`): drafts at a fraction of the VAE's cost; "int8" with the int8
+        decoder an int8 export keeps beside the fp32 one. `preview_every=N` passes
         the callback a fourth argument, every N steps and at the last one a preview of each image (PIL;
         else None): the tiny autoencoder's decode when the export has one, else the family's cheap
         latent-to-RGB projection at latent resolution.
@@ -459,8 +460,11 @@ class Pipeline:
         if callback is not None and not callable(callback):
             raise EdgediffTypeError(f"callback must be a function (step, total, latents), not "
                                     f"{type(callback).__name__}")
-        if vae_decoder not in ("full", "tiny"):
-            raise EdgediffError(f"vae_decoder must be 'full' or 'tiny', not {vae_decoder!r}")
+        if vae_decoder not in ("full", "tiny", "int8"):
+            raise EdgediffError(f"vae_decoder must be 'full', 'tiny' or 'int8', not {vae_decoder!r}")
+        if vae_decoder == "int8" and not model.component(VAE_DECODER).with_name(INT8_GRAPH).is_file():
+            raise EdgediffError(f"{model.name} has no int8 VAE decoder: export it with --dtype int8 (which "
+                                "quantizes the decoder beside the UNet), or decode with the full VAE")
         if vae_decoder == "tiny" and not model.has(VAE_DECODER_TINY):
             raise EdgediffError(f"{model.name} has no tiny autoencoder: export it with --tiny-vae madebyollin/taesd "
                                 "(madebyollin/taesdxl for SDXL), or decode with the full VAE")
@@ -617,6 +621,11 @@ class Pipeline:
             if vae_decoder == "tiny":  # small: whole, whatever the plan's tiles
                 tiny = stack.enter_context(self._using(VAE_DECODER_TINY, plan))
                 decoded = [self._decode_tiny(tiny, x[k:k + 1]) for k in range(batch)]
+            elif vae_decoder == "int8":  # the whole decoder's int8 graph, in the plan's tiles (blended)
+                session, whole = self._open(VAE_DECODER, plan, INT8_GRAPH), dataclasses.replace(plan, vae_margin=0)
+                decoded = [self._run_decoder([session], x[k:k + 1] / np.float32(model.scaling_factor), whole)
+                           for k in range(batch)]
+                del session
             else:
                 sessions = [stack.enter_context(self._using(spec, plan)) for spec in decoder]
                 decoded = [self._decode(decoder, sessions, x[k:k + 1] / np.float32(model.scaling_factor), plan,
@@ -637,7 +646,7 @@ class Pipeline:
         params = [Parameters(prompts[k // num_images_per_prompt], negatives[k // num_images_per_prompt],
                              num_inference_steps, sampler, guidance_scale, seeds[k], width, height, model.name,
                              strength_note, schedule_type, hashes, interval,
-                             "TAESD" if vae_decoder == "tiny" else None, cache_interval) for k in range(batch)]
+                             {"tiny": "TAESD", "int8": "int8"}.get(vae_decoder), cache_interval) for k in range(batch)]
         return GenerationResult(images, seeds, params, timings, nsfw_content_detected=flagged, plan=plan,
                                 peak_memory=_peak_memory(), fp32_reruns=reruns,
                                 loras=[(lora.name, w) for lora, w in loras])

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.clip_vocab import add_vocab_files
-from ..engine.components import (FP32_FALLBACK, SAFETY_CHECKER, UNET, VAE, VAE_DECODER, VAE_DECODER_HEAD,
+from ..engine.components import (FP32_FALLBACK, INT8_GRAPH, SAFETY_CHECKER, UNET, VAE, VAE_DECODER, VAE_DECODER_HEAD,
                                  VAE_DECODER_TAIL, VAE_DECODER_TINY, VAE_ENCODER, ComponentSpec, with_cache_feature)
 from ..engine.families import Family, recognise
 from ..engine.errors import EdgediffError, first_line
@@ -403,7 +403,8 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
     shutil.copy2(src / "model_index.json", tmp / "model_index.json")
     if options.dtype == "int8" and (only is None or UNET.name in only):
         unet_report = next(r for r in reports if r.name == UNET.name)
-        _quantize(tmp, family.unet, unet_report, size * vae_scale)
+        decoder_report = next((r for r in reports if r.name == VAE_DECODER.name), None)
+        _quantize(tmp, family.unet, unet_report, size * vae_scale, decoder_report)
         if profile_memory:
             unet_report.activations = memory_profile.profile(tmp / UNET.onnx_path, family.unet, vae_scale)
     return family, reports
@@ -507,15 +508,27 @@ def source_family(src: Path) -> Family:
     return recognise(unet_config, str(src))
 
 
-def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: int) -> None:
+def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: int,
+              decoder_report: ComponentReport | None = None) -> None:
     """Replace the fp32 UNet in `tmp` by its int8 version, calibrated on generations with the fp32
-    export at half the native size; the gate compares the two graphs on a call calibration never saw."""
+    export at half the native size; the gate compares the two graphs on a call calibration never saw.
+    The VAE decoder, when exported, gets an int8 graph beside its fp32 one, calibrated on those
+    generations' final latents (_quantize_decoder)."""
     from ..backends.base import OrtSession
     from . import quantize
 
     start = time.perf_counter()
     size = max(64, native // 2 // 64 * 64)
-    calls, held_out = quantize.calibration_inputs(tmp, size)
+    from ..backends.host import int8_kernels
+
+    # the int8 kernels of this machine, which the gate's figures are measured with; AVX2's get 7-bit
+    # weights (quantize.quantize_unet), the price of not saturating
+    kernels = int8_kernels()
+    reduce_range = kernels == "avx2"
+    decoder_calls: list[dict] | None = [] if decoder_report is not None else None
+    calls, held_out = quantize.calibration_inputs(tmp, size, decoder=decoder_calls)
+    if decoder_report is not None:
+        _quantize_decoder(tmp, decoder_calls, decoder_report, reduce_range)
     folder = tmp / UNET.name
     fp32 = folder / "fp32"
     fp32.mkdir()
@@ -524,7 +537,7 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
     # Quantized weights cannot take a LoRA's fp32 delta: the map stays (a LoRA's keys still resolve, so
     # the refusal can say why) marked quantized; LoRAs are baked in before (export --lora)
     weight_map.mark_quantized(folder / weight_map.WEIGHT_MAP)
-    quantize.quantize_unet(fp32 / "model.onnx", folder / "model.onnx", calls)
+    quantize.quantize_unet(fp32 / "model.onnx", folder / "model.onnx", calls, reduce_range=reduce_range)
     want = OrtSession(fp32 / "model.onnx", spec, ["CPUExecutionProvider"]).run(**held_out)["out_sample"]
     shutil.rmtree(fp32)
     _consolidate(folder / "model.onnx")  # the quantizer's layout puts even shape constants in its data file
@@ -533,15 +546,42 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
     report.dtype, report.psnr, report.max_abs_diff = "int8", score, max_abs
     report.bytes = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
     report.seconds = round(report.seconds + time.perf_counter() - start, 2)
-    from ..backends.host import int8_kernels
-
     # the gate's figure holds for the int8 kernels of the machine that measured it (backends/host.py)
     report.extra = {"calibration": {"prompts": len(quantize.CALIBRATION_PROMPTS), "calls": len(calls),
                                     "size": size, "against": "the fp32 graph"},
-                    "int8_kernels": int8_kernels()}
+                    "int8_kernels": kernels, "reduce_range": reduce_range}
     if score is not None and not score >= MIN_PSNR["int8"]:
         raise EdgediffError(f"the int8 UNet is {score:.1f} dB PSNR against the fp32 one, below the "
                             f"{MIN_PSNR['int8']:g} dB gate; this model does not quantize well: use --dtype fp32")
+
+
+def _quantize_decoder(tmp: Path, calls: list[dict], report: ComponentReport, reduce_range: bool) -> None:
+    """vae_decoder/model_int8.onnx: the decoder quantized like the UNet, calibrated on the calibration
+    generations' final latents, its fragile parts (the component's fp16_keep patterns: the first and last
+    layers, the mid block's attention, the last norm) kept fp32; gated on the held-out generation's
+    latents (the last of `calls`) against the fp32 decoder. The fp32 decoder stays the default."""
+    import tempfile
+
+    import onnx
+
+    from ..backends.base import OrtSession
+    from . import quantize
+
+    start = time.perf_counter()
+    calibration, held_out = calls[:-1], calls[-1]
+    fp32 = tmp / VAE_DECODER.onnx_path
+    with tempfile.TemporaryDirectory(dir=tmp) as scratch:
+        quantized = Path(scratch) / "model.onnx"
+        quantize.quantize_unet(fp32, quantized, calibration, exclude=VAE_DECODER.fp16_keep, reduce_range=reduce_range)
+        onnx.save(onnx.load(str(quantized)), str(fp32.with_name(INT8_GRAPH)))  # one file: about 50 MB
+    want = OrtSession(fp32, VAE_DECODER, ["CPUExecutionProvider"]).run(**held_out)["sample"]
+    got = OrtSession(fp32.with_name(INT8_GRAPH), VAE_DECODER, ["CPUExecutionProvider"]).run(**held_out)["sample"]
+    score, max_abs = tensor_psnr(got, want)
+    report.extra = {**report.extra, "int8": {
+        "file": INT8_GRAPH, "psnr": None if score is None else round(score, 2), "max_abs_diff": max_abs,
+        "bytes": fp32.with_name(INT8_GRAPH).stat().st_size, "calibration_latents": len(calibration),
+        "reduce_range": reduce_range,
+        "seconds": round(time.perf_counter() - start, 2), "against": "the fp32 decoder, held-out latents"}}
 
 
 def _export_one(spec: ComponentSpec, holder: list, args: tuple, path: Path, options: ExportOptions,
@@ -714,7 +754,7 @@ def _consolidate(path: Path) -> None:
     import onnx
 
     extra = [f for f in path.parent.iterdir()
-             if f.name not in ("model.onnx", "config.json", FP32_FALLBACK, weight_map.WEIGHT_MAP)]
+             if f.name not in ("model.onnx", "config.json", FP32_FALLBACK, INT8_GRAPH, weight_map.WEIGHT_MAP)]
     if not extra:
         return
     model = onnx.load(str(path))  # loads the external tensors too

@@ -38,25 +38,41 @@ HELD_OUT_PROMPT, HELD_OUT_STEPS = "a bowl of fruit on a wooden table", 2
 
 
 def calibration_inputs(folder: Path, size: int, prompts=CALIBRATION_PROMPTS,
-                       steps: int = CALIBRATION_STEPS) -> tuple[list[dict], dict]:
+                       steps: int = CALIBRATION_STEPS, decoder: list | None = None) -> tuple[list[dict], dict]:
     """The UNet's inputs during generations with the fp32 export in `folder`, and the last UNet call
-    of a short generation of HELD_OUT_PROMPT, kept apart for the gate: calibration never sees it."""
+    of a short generation of HELD_OUT_PROMPT, kept apart for the gate: calibration never sees it.
+    `decoder`, when given, gets the VAE decoder's input of each calibration generation (its final
+    latents, unscaled) and then the held-out generation's, last."""
     from ..engine.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(folder, backend="cpu", safety_checker=False)
+    scale = np.float32(pipe.model.scaling_factor)
+
+    def final(step, total, latents):  # the denoised latents, as the decoder receives them
+        if decoder is not None and step + 1 == total:
+            decoder.append({"latent_sample": np.array(latents) / scale})
+
     calls: list[dict] = []
     record = lambda inputs: calls.append({k: np.array(v) for k, v in inputs.items()})  # noqa: E731 (copies)
     for k, prompt in enumerate(prompts):
         pipe(prompt, width=size, height=size, num_inference_steps=steps, seed=k, scheduler="euler",
-             unet_inputs=record)
+             unet_inputs=record, callback=final)
     held_out: list[dict] = []
-    pipe(HELD_OUT_PROMPT, width=size, height=size, num_inference_steps=HELD_OUT_STEPS, seed=0, scheduler="euler",
+    # the gate's generation runs the calibration's steps when the decoder is calibrated too: its final
+    # latents are then a picture's, as the decoder sees them
+    pipe(HELD_OUT_PROMPT, width=size, height=size, num_inference_steps=steps if decoder is not None else HELD_OUT_STEPS,
+         seed=0, scheduler="euler", callback=final,
          unet_inputs=lambda inputs: held_out.append({k: np.array(v) for k, v in inputs.items()}))
     return calls, held_out[-1]
 
 
-def quantize_unet(fp32: Path, out: Path, calls: list[dict]) -> None:
-    """Write the int8 (QDQ) UNet calibrated on `calls` to `out` (a model.onnx path)."""
+def quantize_unet(fp32: Path, out: Path, calls: list[dict], exclude: tuple[str, ...] = (),
+                  reduce_range: bool = False) -> None:
+    """Write the int8 (QDQ) graph calibrated on `calls` to `out` (a model.onnx path): the UNet, or the VAE
+    decoder. Nodes whose names match a pattern of `exclude` stay fp32. `reduce_range`: 7-bit weights, for
+    CPUs whose int8 kernels are AVX2's (backends/host.int8_kernels): pmaddubsw adds pairs of u8 x s8
+    products in int16, which saturates with full-range weights and cannot with 7-bit ones (ONNX
+    Runtime's quantization docs advise it for CPUs without VNNI)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -67,8 +83,17 @@ def quantize_unet(fp32: Path, out: Path, calls: list[dict]) -> None:
         def get_next(self):
             return self.left.pop() if self.left else None
 
+    excluded = []
+    if exclude:
+        import re
+
+        import onnx
+
+        graph = onnx.load(str(fp32), load_external_data=False).graph
+        excluded = [n.name for n in graph.node if any(re.search(p, n.name) for p in exclude)]
     quantize_static(
         str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+        nodes_to_exclude=excluded, reduce_range=reduce_range,
         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         # MinMax: the UNet's activations have no outliers worth clipping away on these inputs, and
         # entropy or percentile calibration hold every tensor's histogram (many GB for SD's UNet).

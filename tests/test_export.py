@@ -324,6 +324,15 @@ def test_int8_export_quantizes_the_unet_only(builtin_model):
 
     assert unet["extra"]["int8_kernels"] == int8_kernels()  # the kernels the gate's figure was measured with
     assert all(c["dtype"] == "fp32" for name, c in m["components"].items() if name != "unet")
+    # beside the fp32 decoder, an int8 one with its figure against it on held-out latents
+    decoder = m["components"]["vae_decoder"]["extra"]["int8"]
+    int8_decoder = onnx.load(str(out / "vae_decoder" / decoder["file"]))
+    assert any(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4 for i in int8_decoder.graph.initializer)
+    kept = [n.name for n in int8_decoder.graph.node if n.op_type == "Conv" and "conv_out" in n.name]
+    assert kept and not any(n.op_type == "DequantizeLinear" and "conv_out" in n.name for n in int8_decoder.graph.node)
+    from edgediff.export.quantize import CALIBRATION_PROMPTS
+
+    assert decoder["psnr"] >= 25 and decoder["calibration_latents"] == len(CALIBRATION_PROMPTS)
     graph = onnx.load(str(out / "unet" / "model.onnx"))
     int8_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
     convs = [n for n in graph.graph.node if n.op_type == "Conv"]
@@ -331,9 +340,16 @@ def test_int8_export_quantizes_the_unet_only(builtin_model):
     assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
     fp32 = builtin_model
     args = dict(prompt="a red circle on a blue square", num_inference_steps=12, seed=3)
-    a = Pipeline.from_pretrained(out, backend="cpu")(**args).images[0]
+    pipe = Pipeline.from_pretrained(out, backend="cpu")
+    a = pipe(**args).images[0]
     b = Pipeline.from_pretrained(fp32, backend="cpu")(**args).images[0]
     assert psnr(np.asarray(a), np.asarray(b)) >= 25.0
+    c = pipe(**args, vae_decoder="int8")
+    assert 25.0 <= psnr(np.asarray(c.images[0]), np.asarray(a)) < float("inf")  # the int8 decode of the same latents
+    assert "VAE: int8" in c.parameters[0].a1111()
+    with pytest.raises(EdgediffError) as e:  # an fp32 export has no int8 decoder
+        Pipeline.from_pretrained(fp32, backend="cpu")(**args, vae_decoder="int8")
+    assert "has no int8 VAE decoder" in str(e.value) and "--dtype int8" in str(e.value)
 
 
 @pytest.mark.parametrize("flags, kernels", [
@@ -368,3 +384,27 @@ def test_int8_unet_on_other_int8_kernels_is_warned_about(tiny, tmp_path, monkeyp
             Pipeline.from_pretrained(folder, backend="cpu", safety_checker=False)
         said = "calibrated and gated (42.5 dB) on a CPU with AMX int8 kernels; this one runs AVX2 kernels"
         assert (said in caplog.text) == warned, caplog.text
+
+
+@pytest.mark.slow
+def test_int8_export_for_avx2_kernels_uses_7_bit_weights(tiny, tmp_path, monkeypatch):
+    """On a CPU whose int8 kernels are AVX2's (u8 x s8 pairs summed in int16, which saturate), the
+    quantizer gets reduce_range: weights in 7 bits, never beyond +-64; on a VNNI CPU, the full 8 bits."""
+    from edgediff.backends import host
+
+    def int8_weights(folder):
+        graph = onnx.load(str(folder / "unet" / "model.onnx"))
+        return np.concatenate([onnx.numpy_helper.to_array(i).ravel() for i in graph.graph.initializer
+                               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4])
+
+    found = {}
+    for kernels in ("avx2", "vnni"):
+        monkeypatch.setattr(host, "int8_kernels", lambda cpuinfo=None, k=kernels: k)
+        out = tmp_path / kernels
+        m = export_onnx(tiny("sd1")[0], out, ExportOptions(dtype="int8"), profile_memory=False)
+        unet = m["components"]["unet"]
+        assert unet["extra"]["int8_kernels"] == kernels and unet["extra"]["reduce_range"] == (kernels == "avx2")
+        assert m["components"]["vae_decoder"]["extra"]["int8"]["reduce_range"] == (kernels == "avx2")
+        found[kernels] = int8_weights(out)
+    assert np.abs(found["avx2"].astype(int)).max() <= 64
+    assert np.abs(found["vnni"].astype(int)).max() == 127
