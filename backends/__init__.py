@@ -62,7 +62,8 @@ def select(preferred: str = "auto") -> tuple[Backend, Device]:
 def open_with_fallback(path: Path, spec: ComponentSpec, backend: Backend, device: Device,
                        memory_limit: int | None = None,
                        fallbacks: list[Backend] | None = None,
-                       overrides=None, dtype: str = "fp32") -> tuple[Session, Backend, Device]:
+                       overrides=None, dtype: str = "fp32",
+                       precision: str = "f32") -> tuple[Session, Backend, Device]:
     """Open `spec` on `backend`; if that fails (a provider that cannot start, a driver that refuses the
     graph), try the backends after it in priority order that are available here, with a warning naming
     the backend and the reason. Returns the session, the backend that took it and its device.
@@ -70,7 +71,8 @@ def open_with_fallback(path: Path, spec: ComponentSpec, backend: Backend, device
     `fallbacks` replaces the registry's backends after `backend` (tests inject one whose open raises).
     `memory_limit` was sized for `device`; it is passed on unchanged (the CPU backend ignores it).
     `overrides` (backends/base.Overrides): weights that replace exported ones, for every candidate;
-    `dtype`: the graph's, as the model folder records it.
+    `dtype`: the graph's, as the model folder records it; `precision`: the plan's ("f32" or "bf16"),
+    passed to every candidate (those that run the graph's own dtype ignore it).
     A missing file is not the backend's fault and is raised at once; when every backend fails, the first
     (the chosen backend's) error is raised.
     """
@@ -93,7 +95,7 @@ def open_with_fallback(path: Path, spec: ComponentSpec, backend: Backend, device
             log.warning("%s could not open the %s (%s); running it on %s instead", failed, spec.name, reason,
                         candidate.name)
         try:
-            return candidate.open(path, spec, found, memory_limit, overrides, dtype), candidate, found
+            return candidate.open(path, spec, found, memory_limit, overrides, dtype, precision), candidate, found
         except MissingComponent:
             raise
         except Exception as e:

@@ -1,13 +1,14 @@
-"""The backend protocol: every backend (cpu, cuda, rocm, coreml) fills the same small interface.
+"""The backend protocol: every backend (cpu, cuda, rocm, coreml, openvino) fills the same small interface.
 
 - `probe()` says what device the backend would use, as measured facts (`Device`), or why it cannot run, in
   words a user can act on (`Unavailable`). It never raises and never imports torch. Every probe takes its
   inputs (provider lists, NVML, amdsmi, sysctl, the host's memory) as constructor arguments, so that tests
   describe a 4 GB NVIDIA card or an 8 GB M1 on a machine that has neither.
-- `open(path, spec, device, memory_limit=None, overrides=None, dtype="fp32")` returns a `Session` that
-  runs one exported component; `memory_limit` (bytes) caps what the backend's allocator may take where
-  the runtime has such a cap; `dtype` is the graph's, as the model folder records it (a backend never
-  reads a model's manifest itself).
+- `open(path, spec, device, memory_limit=None, overrides=None, dtype="fp32", precision="f32")` returns a
+  `Session` that runs one exported component; `memory_limit` (bytes) caps what the backend's allocator
+  may take where the runtime has such a cap; `dtype` is the graph's, as the model folder records it (a
+  backend never reads a model's manifest itself); `precision` is the arithmetic the plan chose, "f32"
+  or "bf16", for the runtimes that pick their own (OpenVINO); ONNX Runtime runs the graph's own dtype.
 - `cost` says how the backend turns graph facts into resident bytes (the planner reads it), and `host`
   whether it runs on the host's CPU and memory (where a plan puts small components off a card).
 
@@ -38,11 +39,13 @@ class Device:
 
     backend: str
     name: str  # "NVIDIA GeForce RTX 3060", "Apple M1", "AMD Ryzen 7 5800X (8 cores)"
-    providers: tuple[str, ...]  # ONNX Runtime execution providers, in order of preference
+    # ONNX Runtime execution providers, in order of preference; for openvino "OpenVINO:<its device name>"
+    providers: tuple[str, ...]
     total_memory: int | None = None  # bytes the device has; the host's RAM where memory is unified
     free_memory: int | None = None  # bytes free when probed
     unified_memory: bool = False  # memory shared with the host (CPU, Apple Silicon)
     fp16: bool = False  # whether fp16 arithmetic is fast here, not merely possible
+    bf16: bool = False  # whether bf16 arithmetic is fast here (AVX512_BF16 or AMX CPUs, under OpenVINO)
     driver: str | None = None  # driver or OS version: "NVIDIA 550.54.14", "amdgpu 6.7.0", "macOS 14.4.1"
     device_id: int = 0  # the runtime's ordinal (CUDA/HIP device id)
     compute_capability: tuple[int, int] | None = None  # CUDA SM version, e.g. (8, 6)
@@ -61,6 +64,8 @@ class Device:
         if self.unified_memory:
             memory += " (unified memory)"
         parts = [self.name, memory, "fp16 fast" if self.fp16 else "fp16 slow"]
+        if self.bf16:
+            parts.append("bf16 fast")
         if self.compute_capability:
             parts.append(f"compute capability {self.compute_capability[0]}.{self.compute_capability[1]}")
         if self.arch:
@@ -129,9 +134,11 @@ class Backend(Protocol):
     def probe(self) -> Device | Unavailable: ...
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None, dtype: str = "fp32") -> Session:
+             overrides: Overrides | None = None, dtype: str = "fp32", precision: str = "f32") -> Session:
         """`overrides`: weights that replace the exported ones (optional: a backend that cannot take them,
-        Core ML's packages, refuses in one line). `dtype`: the graph's ("fp32", "fp16", "int8")."""
+        Core ML's packages, refuses in one line). `dtype`: the graph's ("fp32", "fp16", "int8").
+        `precision`: the inference precision the plan chose, "f32" or "bf16"; a backend whose runtime
+        computes in the graph's own dtype (ONNX Runtime, Core ML's packages) accepts it and ignores it."""
 
 
 class MissingComponent(EdgediffError):
@@ -295,7 +302,8 @@ class OrtProviderBackend:
         return Device(self.name, present[0], (present[0], "CPUExecutionProvider"))
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None, dtype: str = "fp32") -> OrtSession:
+             overrides: Overrides | None = None, dtype: str = "fp32", precision: str = "f32") -> OrtSession:
+        """`precision` is accepted and ignored: ONNX Runtime runs the graph's own dtype."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()

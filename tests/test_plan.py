@@ -432,7 +432,7 @@ def test_sessions_share_the_cuda_budget_instead_of_each_taking_it(tiny):
     cpu = get_backend("cpu")
     limits, dtypes = {}, {}
 
-    def open_on_card(path, spec, device, memory_limit=None, overrides=None, dtype="fp32"):
+    def open_on_card(path, spec, device, memory_limit=None, overrides=None, dtype="fp32", precision="f32"):
         limits[spec.name], dtypes[spec.name] = memory_limit, dtype
         return cpu.open(path, spec, cpu.probe(), None, overrides)
 

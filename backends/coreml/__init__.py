@@ -103,7 +103,9 @@ class CoreMLBackend(OrtProviderBackend):
                       cores=host.cores(), notes=tuple(notes))
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None, dtype: str = "fp32") -> Session:
+             overrides: Overrides | None = None, dtype: str = "fp32", precision: str = "f32") -> Session:
+        """`precision` is accepted and ignored: a package's precision was fixed when it was converted, and
+        ONNX Runtime's CoreML provider runs the graph's own dtype."""
         # memory_limit: Core ML has no allocator cap; on unified memory the plan's prediction is the guard.
         package = find_package(path)
         if package is not None and overrides:

@@ -78,7 +78,9 @@ class CpuBackend:
                       notes=() if total else ("host memory unknown on this OS",))
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None, dtype: str = "fp32") -> OrtSession:
+             overrides: Overrides | None = None, dtype: str = "fp32", precision: str = "f32") -> OrtSession:
+        """`precision` is accepted and ignored: ONNX Runtime runs the graph's own dtype (its CPU provider
+        has no bf16 kernels for SD's convolutions; OpenVINO's CPU has, backends/openvino)."""
         # memory_limit: ONNX Runtime has no cap on CPU memory; the plan's prediction is the guard here.
         options = session_options()
         # One thread per core we may use: more threads than cores only adds contention.

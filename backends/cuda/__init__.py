@@ -239,7 +239,9 @@ class CudaBackend(OrtProviderBackend):
                       device_id=self.device_id, compute_capability=cc, notes=tuple(notes))
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None, dtype: str = "fp32") -> OrtSession:
+             overrides: Overrides | None = None, dtype: str = "fp32", precision: str = "f32") -> OrtSession:
+        """`precision` is accepted and ignored: ONNX Runtime runs the graph's own dtype (TensorRT's fp16
+        follows `dtype`, see tensorrt_provider_options)."""
         _preload_cuda_libraries()
         return OrtSession(path, spec, providers_for(device, path, memory_limit, overrides, dtype), session_options(),
                           require=CUDA, bind_device=("cuda", device.device_id), overrides=overrides)

@@ -158,7 +158,8 @@ class RocmBackend(OrtProviderBackend):
                       driver=facts["driver"], device_id=self.device_id, arch=facts["arch"])
 
     def open(self, path: Path, spec: ComponentSpec, device: Device, memory_limit: int | None = None,
-             overrides: Overrides | None = None, dtype: str = "fp32") -> OrtSession:
+             overrides: Overrides | None = None, dtype: str = "fp32", precision: str = "f32") -> OrtSession:
+        """`precision` is accepted and ignored: ONNX Runtime runs the graph's own dtype."""
         provider = device.providers[0]
         options = (migraphx_provider_options(device.device_id) if provider == MIGRAPHX
                    else rocm_provider_options(device.device_id, memory_limit))
