@@ -1,9 +1,15 @@
-"""The backend registry: one table, highest priority first, CPU last as the fallback.
+"""The backend registry: one table, highest priority first, the CPU as the fallback.
+
+`select("auto")` takes the first backend that runs here, and the CPU always does, so the CPU ends what
+`auto` chooses from. The backends after it are opt-in, run only when asked for by name: OpenVINO runs
+on the same CPU (or an Intel GPU) as the cpu backend, faster or not depending on the CPU and the model,
+and its first run of each shape compiles for seconds to minutes, which `auto` should not spring on
+anyone; `--backend openvino` asks for it.
 
 Each backend lives in its own subpackage and is imported only when probed, so a missing
-onnxruntime-gpu, amdsmi or coremltools never breaks `import edgediff` (tinygrad's device.py does the
-same). `select` is the only place that chooses among them; `open_with_fallback` the only place that moves
-a component to another backend when its own fails.
+onnxruntime-gpu, amdsmi, coremltools or openvino never breaks `import edgediff` (tinygrad's device.py
+does the same). `select` is the only place that chooses among them; `open_with_fallback` the only place
+that moves a component to another backend when its own fails.
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ REGISTRY: dict[str, str] = {
     "rocm": "edgediff.backends.rocm",
     "coreml": "edgediff.backends.coreml",
     "cpu": "edgediff.backends.cpu",
+    "openvino": "edgediff.backends.openvino",  # opt-in: after the cpu, which `auto` always finds first
 }
+FALLBACK = "cpu"  # where a component goes when its backend cannot open it, if nothing before it could
+
+
+def automatic() -> list[str]:
+    """The backends `auto` chooses among, in priority order: the registry up to the CPU."""
+    names = list(REGISTRY)
+    return names[:names.index(FALLBACK) + 1]
 
 
 def get_backend(name: str) -> Backend:
@@ -33,15 +47,16 @@ def get_backend(name: str) -> Backend:
     return importlib.import_module(REGISTRY[name]).BACKEND
 
 
+def probe(name: str) -> Device | Unavailable:
+    try:
+        return get_backend(name).probe()
+    except Exception as e:  # a broken driver package must not stop the others from being probed
+        return Unavailable(name, f"probe failed: {type(e).__name__}: {e}")
+
+
 def probe_all() -> list[Device | Unavailable]:
     """Every backend's probe, in priority order."""
-    results = []
-    for name in REGISTRY:
-        try:
-            results.append(get_backend(name).probe())
-        except Exception as e:  # a broken driver package must not stop the others from being probed
-            results.append(Unavailable(name, f"probe failed: {type(e).__name__}: {e}"))
-    return results
+    return [probe(name) for name in REGISTRY]
 
 
 def select(preferred: str = "auto") -> tuple[Backend, Device]:
@@ -52,9 +67,11 @@ def select(preferred: str = "auto") -> tuple[Backend, Device]:
         if isinstance(found, Unavailable):
             raise EdgediffError(f"backend {preferred!r} is not available here: {found.reason}")
         return backend, found
-    for found in probe_all():
+    # the opt-in backends are not even probed: OpenVINO's probe starts every plugin it has (GPU drivers too)
+    for name in automatic():
+        found = probe(name)
         if isinstance(found, Device):
-            return get_backend(found.backend), found
+            return get_backend(name), found
         log.debug("backend %s unavailable: %s", found.backend, found.reason)
     raise EdgediffError("no backend is available, not even the CPU; is onnxruntime installed?")
 
@@ -65,8 +82,9 @@ def open_with_fallback(path: Path, spec: ComponentSpec, backend: Backend, device
                        overrides=None, dtype: str = "fp32",
                        precision: str = "f32") -> tuple[Session, Backend, Device]:
     """Open `spec` on `backend`; if that fails (a provider that cannot start, a driver that refuses the
-    graph), try the backends after it in priority order that are available here, with a warning naming
-    the backend and the reason. Returns the session, the backend that took it and its device.
+    graph), try the backends after it among those `auto` chooses from that are available here, with a
+    warning naming the backend and the reason. Returns the session, the backend that took it and its
+    device. An opt-in backend (after the CPU in the registry: openvino) falls back to the CPU alone.
 
     `fallbacks` replaces the registry's backends after `backend` (tests inject one whose open raises).
     `memory_limit` was sized for `device`; it is passed on unchanged (the CPU backend ignores it).
@@ -77,8 +95,8 @@ def open_with_fallback(path: Path, spec: ComponentSpec, backend: Backend, device
     (the chosen backend's) error is raised.
     """
     if fallbacks is None:
-        names = list(REGISTRY)
-        later = names[names.index(backend.name) + 1:] if backend.name in names else ["cpu"]
+        names = automatic()
+        later = names[names.index(backend.name) + 1:] if backend.name in names else [FALLBACK]
         fallbacks = [get_backend(name) for name in later]
     first = failed = reason = None
     for candidate in [backend, *fallbacks]:

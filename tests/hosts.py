@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from edgediff.backends import coreml, cuda, rocm
+from edgediff.backends import coreml, cuda, openvino, rocm
 
 CPU = "CPUExecutionProvider"
 
@@ -40,12 +40,13 @@ def _not_installed():
     raise ImportError("simulated host: not installed")
 
 
-def simulate(monkeypatch, providers=(CPU,), nvml=None, system="Linux", machine="x86_64"):
+def simulate(monkeypatch, providers=(CPU,), nvml=None, system="Linux", machine="x86_64", openvino_core=None):
     """Make the registry's accelerator backends see this host. `providers`: what onnxruntime's
     get_available_providers() answers (the default is the CPU build's); `nvml`: the pynvml module
     (None: nvidia-ml-py is not installed); `system` and `machine`: what the platform module says. Neither
     nvidia-smi nor amdsmi nor rocm-smi nor coremltools is there, and no onnxruntime-gpu distribution is installed
-    beside the build (the probe's hint for a shadowed one)."""
+    beside the build (the probe's hint for a shadowed one). `openvino_core`: what openvino.Core() gives
+    (FakeOpenVinoCore; None: openvino is not installed)."""
     def available():
         return list(providers)
 
@@ -57,6 +58,25 @@ def simulate(monkeypatch, providers=(CPU,), nvml=None, system="Linux", machine="
     monkeypatch.setattr(coreml, "BACKEND", coreml.CoreMLBackend(
         available_providers=available, system=lambda: system, machine=lambda: machine,
         run=lambda args: None, has_coremltools=lambda: False))
+    monkeypatch.setattr(openvino, "BACKEND", openvino.OpenVinoBackend(
+        core=(lambda: openvino_core) if openvino_core is not None else _not_installed,
+        version=lambda: "2026.4.1", environ={}))
+
+
+class FakeOpenVinoCore:
+    """What openvino.Core answers about a machine's devices: {device: {property: value}}, e.g.
+    {"CPU": {"FULL_DEVICE_NAME": ..., "DEVICE_TYPE": "Type.INTEGRATED", "OPTIMIZATION_CAPABILITIES": [...]}}."""
+
+    def __init__(self, devices: dict[str, dict]):
+        self.devices = devices
+        self.available_devices = list(devices)
+
+    def get_property(self, device, name):
+        try:
+            return self.devices[device][name]
+        except KeyError:
+            raise RuntimeError(f"Exception from src/inference/src/cpp/core.cpp:\nUnsupported property {name} "
+                               f"by {device} plugin") from None
 
 
 def record_sessions(monkeypatch) -> list[tuple[str, list]]:

@@ -26,13 +26,14 @@ from edgediff.backends.rocm import RocmBackend, migraphx_provider_options, rocm_
 from edgediff.engine.components import TEXT_ENCODER, UNET
 
 
-def test_cpu_is_last_and_always_there(monkeypatch):
-    assert list(backends.REGISTRY)[-1] == "cpu"
+def test_cpu_ends_what_auto_chooses_and_is_always_there(monkeypatch):
+    # the cpu ends the backends `auto` takes; openvino, after it, runs only when asked for
+    assert list(backends.REGISTRY)[-2:] == ["cpu", "openvino"] and backends.automatic()[-1] == "cpu"
     hosts.simulate(monkeypatch)  # a PC with onnxruntime's CPU build, whatever runs this test
     found = backends.probe_all()
     assert [f.backend for f in found] == list(backends.REGISTRY)
-    assert [type(f) for f in found] == [Unavailable, Unavailable, Unavailable, Device]
-    cpu = found[-1]
+    assert [type(f) for f in found] == [Unavailable, Unavailable, Unavailable, Device, Unavailable]
+    cpu = found[-2]
     assert cpu.providers == ("CPUExecutionProvider",)
     assert cpu.total_memory and cpu.free_memory and cpu.free_memory <= cpu.total_memory
     assert backends.select("auto")[1].backend == "cpu"
@@ -40,7 +41,8 @@ def test_cpu_is_last_and_always_there(monkeypatch):
     hosts.simulate(monkeypatch, providers=(CUDA, CPU), nvml=fake_nvml("NVIDIA GeForce RTX 3060", 12 * GiB,
                                                                       11 * GiB, (8, 6)))
     found = backends.probe_all()
-    assert [type(f) for f in found] == [Device, Unavailable, Unavailable, Device] and found[-1].backend == "cpu"
+    assert [type(f) for f in found] == [Device, Unavailable, Unavailable, Device, Unavailable]
+    assert found[-2].backend == "cpu"
     backend, device = backends.select("auto")
     assert backend.name == "cuda" and device.name == "NVIDIA GeForce RTX 3060"
 
@@ -550,7 +552,7 @@ def test_devices_command_says_why_accelerators_are_unavailable(monkeypatch, caps
     hosts.simulate(monkeypatch, system="Linux", machine="x86_64")
     assert main(["devices"]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
-    assert list(lines) == ["cuda", "rocm", "coreml", "cpu"]
+    assert list(lines) == ["cuda", "rocm", "coreml", "cpu", "openvino"]
     assert lines["cuda"] == "unavailable: onnxruntime-gpu is not installed (pip install onnxruntime-gpu)"
     assert lines["rocm"].startswith("unavailable: no ONNX Runtime build with the MIGraphX or ROCm")
     assert lines["coreml"] == "unavailable: not on macOS with Apple Silicon (this is Linux x86_64)"
