@@ -44,7 +44,7 @@ from ..engine.files import atomic_folder, check_out
 from ..engine.metrics import relative_error, tensor_psnr
 from ..engine.model_folder import scale_factor
 from ..engine.tokenizer import CLIP_CONTEXT
-from . import memory_profile, weight_map
+from . import memory_profile, probes, weight_map
 from .attention import DEFAULT_SLICES, VARIANTS
 
 log = logging.getLogger("edgediff")
@@ -537,7 +537,10 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
     # Quantized weights cannot take a LoRA's fp32 delta: the map stays (a LoRA's keys still resolve, so
     # the refusal can say why) marked quantized; LoRAs are baked in before (export --lora)
     weight_map.mark_quantized(folder / weight_map.WEIGHT_MAP)
-    quantize.quantize_unet(fp32 / "model.onnx", folder / "model.onnx", calls, reduce_range=reduce_range)
+    # the layers whose inputs lose the most to uint8 stay fp32, measured on the calibration calls
+    keep, sensitivity = quantize.sensitive_nodes(fp32 / "model.onnx", calls)
+    quantize.quantize_unet(fp32 / "model.onnx", folder / "model.onnx", calls, reduce_range=reduce_range,
+                           keep=tuple(keep))
     want = OrtSession(fp32 / "model.onnx", spec, ["CPUExecutionProvider"]).run(**held_out)["out_sample"]
     shutil.rmtree(fp32)
     _consolidate(folder / "model.onnx")  # the quantizer's layout puts even shape constants in its data file
@@ -549,7 +552,7 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
     # the gate's figure holds for the int8 kernels of the machine that measured it (backends/host.py)
     report.extra = {"calibration": {"prompts": len(quantize.CALIBRATION_PROMPTS), "calls": len(calls),
                                     "size": size, "against": "the fp32 graph"},
-                    "int8_kernels": kernels, "reduce_range": reduce_range}
+                    "int8_kernels": kernels, "reduce_range": reduce_range, "fp32_layers": sensitivity}
     if score is not None and not score >= MIN_PSNR["int8"]:
         raise EdgediffError(f"the int8 UNet is {score:.1f} dB PSNR against the fp32 one, below the "
                             f"{MIN_PSNR['int8']:g} dB gate; this model does not quantize well: use --dtype fp32")
@@ -662,54 +665,9 @@ def _parity(spec: ComponentSpec, path: Path, inputs: dict, expected: list[np.nda
 def _calibrate(path: Path, inputs: dict) -> dict[str, float]:
     """The largest |value| of every float tensor of the fp32 graph on the sample inputs: the tensors ONNX
     Runtime's MinMax calibrator measures (node inputs and outputs that ONNX's type inference calls float,
-    weights aside), with the same result (tests/test_export.py compares the two).
-
-    Written here because that calibrator places its probes by searching the node list once per tensor:
-    quadratic, 18 of a tiny model's 51 s fp16 export on two cores. Here each float tensor gets Abs ->
-    ReduceMax right after the node that makes it, in one pass, so ONNX Runtime frees the tensor as it
-    would without the probe: a full-size UNet's intermediates are never held at once. The weights stay
-    where they are (an augmented copy of the graph beside it, deleted after)."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(path), load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.input, *inferred.output)
-             if v.type.HasField("tensor_type")}
-    weights = {i.name for i in model.graph.initializer}
-    nodes, probes = [], {}
-
-    def probe(name: str) -> None:
-        if name and name not in weights and name not in probes and \
-                types.get(name) in (TensorProto.FLOAT, TensorProto.FLOAT16):
-            probes[name] = f"{name}/edgediff_absmax"
-            nodes.append(helper.make_node("Abs", [name], [f"{name}/edgediff_abs"]))
-            nodes.append(helper.make_node("ReduceMax", [f"{name}/edgediff_abs"], [probes[name]], keepdims=0))
-
-    for graph_input in model.graph.input:
-        probe(graph_input.name)
-    for node in model.graph.node:
-        nodes.append(node)
-        for name in node.output:
-            probe(name)
-    graph = model.graph
-    kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]  # own copies: the field is cleared
-    graph.ClearField("node")
-    graph.node.extend(kept)
-    graph.output.extend(helper.make_tensor_value_info(p, types[t], []) for t, p in probes.items())
-    augmented = path.with_name(".calibrate.onnx")  # beside the graph: its external weights resolve there
-    try:
-        onnx.save(model, str(augmented))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every tensor as exported
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
-        values = session.run(list(probes.values()), inputs)
-        del session
-    finally:
-        augmented.unlink(missing_ok=True)
-    ranges = {name: float(v) for name, v in zip(probes, values)}
+    weights aside), with the same result (tests/test_export.py compares the two), in one pass
+    (export/probes.py says why not with that calibrator)."""
+    ranges = {name: v["absmax"] for name, v in probes.tensor_statistics(path, [inputs]).items()}
     # attention masks hold finfo.min, meant to saturate: not a reason to keep anything fp32
     return {k: v for k, v in ranges.items() if v < 1e30}
 

@@ -29,9 +29,19 @@ CALIBRATION_PROMPTS = (
     "a watercolor painting of a lighthouse on a cliff at sunset",
     "a red circle on a blue square",
     "a close-up portrait of a cat, studio lighting",
+    # more data (issue 15): the ranges of a few more pictures, of other kinds
+    "an oil painting of a crowded market street at night",
+    "a pencil sketch of a mountain landscape",
+    "a green triangle on a white background",
+    "a macro photograph of a dew drop on a leaf",
 )
 CALIBRATION_STEPS = 6
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+# An activation quantized to uint8 over its calibrated range [lo, hi] gets rounding noise of
+# ((hi - lo) / 255)^2 / 12; against its mean square that is its SQNR. A Gaussian spanning +-4 sigma
+# keeps 41 dB; one whose range is stretched by outliers to +-13 sigma falls to 30 dB, and each halving
+# of the range's use costs 6 dB more. The layers fed by an activation under this floor stay fp32.
+INT8_MIN_SQNR = 30.0
 
 
 HELD_OUT_PROMPT, HELD_OUT_STEPS = "a bowl of fruit on a wooden table", 2
@@ -66,10 +76,41 @@ def calibration_inputs(folder: Path, size: int, prompts=CALIBRATION_PROMPTS,
     return calls, held_out[-1]
 
 
+def sensitive_nodes(fp32: Path, calls: list[dict], floor: float = INT8_MIN_SQNR) -> tuple[list[str], dict]:
+    """The quantizable nodes to keep fp32, measured: those with an activation input whose uint8
+    quantization over its range on `calls` would have a SQNR under `floor` dB (see INT8_MIN_SQNR). Returns
+    (node names, {"floor", "nodes", "kept", "worst": [(node, dB), ...]}) for the manifest."""
+    import onnx
+
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    quantizable = [n for n in graph.node if n.op_type in QUANTIZED_OPS]
+    activations = {n.name: [i for i in n.input[:2] if i and i not in weights] for n in quantizable}
+    wanted = {t for names in activations.values() for t in names}
+    from .probes import tensor_statistics
+
+    stats = tensor_statistics(fp32, calls, ("min", "max", "meansq"),
+                              select=lambda node: [i for i in node.input if i in wanted])
+
+    def sqnr(tensor: str) -> float:
+        s = stats.get(tensor)
+        if not s:
+            return float("inf")
+        scale = (max(s["max"], 0.0) - min(s["min"], 0.0)) / 255
+        noise = scale * scale / 12
+        return float("inf") if noise == 0 else float(10 * np.log10(max(s["meansq"], 1e-30) / noise))
+
+    scores = {name: min((sqnr(t) for t in tensors), default=float("inf")) for name, tensors in activations.items()}
+    kept = sorted((n for n, v in scores.items() if v < floor), key=scores.get)
+    worst = sorted(scores.items(), key=lambda kv: kv[1])[:10]
+    return kept, {"floor": floor, "nodes": len(quantizable), "kept": len(kept),
+                  "worst": [[n, round(v, 1)] for n, v in worst]}
+
+
 def quantize_unet(fp32: Path, out: Path, calls: list[dict], exclude: tuple[str, ...] = (),
-                  reduce_range: bool = False) -> None:
+                  reduce_range: bool = False, keep: tuple[str, ...] = ()) -> None:
     """Write the int8 (QDQ) graph calibrated on `calls` to `out` (a model.onnx path): the UNet, or the VAE
-    decoder. Nodes whose names match a pattern of `exclude` stay fp32. `reduce_range`: 7-bit weights, for
+    decoder. Nodes named in `keep`, or whose names match a pattern of `exclude`, stay fp32. `reduce_range`: 7-bit weights, for
     CPUs whose int8 kernels are AVX2's (backends/host.int8_kernels): pmaddubsw adds pairs of u8 x s8
     products in int16, which saturates with full-range weights and cannot with 7-bit ones (ONNX
     Runtime's quantization docs advise it for CPUs without VNNI)."""
@@ -83,14 +124,14 @@ def quantize_unet(fp32: Path, out: Path, calls: list[dict], exclude: tuple[str, 
         def get_next(self):
             return self.left.pop() if self.left else None
 
-    excluded = []
+    excluded = list(keep)
     if exclude:
         import re
 
         import onnx
 
         graph = onnx.load(str(fp32), load_external_data=False).graph
-        excluded = [n.name for n in graph.node if any(re.search(p, n.name) for p in exclude)]
+        excluded += [n.name for n in graph.node if any(re.search(p, n.name) for p in exclude)]
     quantize_static(
         str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
         nodes_to_exclude=excluded, reduce_range=reduce_range,
