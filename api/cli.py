@@ -87,12 +87,12 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .backends import REGISTRY
+    from .backends import REGISTRY, automatic
     from .backends.coreml.session import COMPUTE_UNITS
     from .engine.schedulers import SCHEDULERS
     from .engine.schedulers.base import TIMESTEP_SPACINGS
 
-    backends = f"auto (the first of {', '.join(REGISTRY)} that runs here) or one of them"
+    backends = f"auto (the first of {', '.join(automatic())} that runs here) or one of {', '.join(REGISTRY)}"
 
     p = _OneLineParser(prog="edgediff", description="Stable Diffusion on the hardware you have.")
     p.add_argument("-v", "--verbose", action="store_true", help="say more about what happens")
@@ -177,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache-interval", type=int, default=1, metavar="N",
                      help="feature caching (an export with --deep-cache): the full UNet every N steps, its "
                           "shallow path between (default 1: every step, exact)")
+    gen.add_argument("--precision", default="f32", choices=("f32", "bf16"),
+                     help="bf16: bf16 arithmetic where the device is fast at it (the openvino backend on "
+                          "AVX512_BF16 or AMX CPUs); the plan says which it runs (default: f32, exact)")
     gen.add_argument("--vae-decoder", default="full", choices=("full", "tiny", "int8"),
                      help="tiny: the tiny autoencoder an export made with --tiny-vae has (drafts); int8: the "
                           "int8 decoder an export with --dtype int8 has")
@@ -309,7 +312,8 @@ def _generate(args) -> None:
                   scheduler=args.scheduler, num_images_per_prompt=args.batch, image=args.init_image,
                   strength=args.strength, mask_image=args.mask, progress=True, prompt_2=args.prompt_2,
                   negative_prompt_2=args.negative_2, timestep_spacing=args.timestep_spacing,
-                  guidance_interval=interval, vae_decoder=args.vae_decoder, cache_interval=args.cache_interval)
+                  guidance_interval=interval, vae_decoder=args.vae_decoder, cache_interval=args.cache_interval,
+                  precision=args.precision)
     flagged = result.nsfw_content_detected or [False] * len(paths)
     for image, params, path, nsfw in zip(result.images, result.parameters, paths, flagged):
         save_png(image, path, params.a1111())
@@ -400,9 +404,9 @@ def _devices(args) -> None:
     # one line per backend, in priority order: what it found, or why it cannot run here
     for found in probe_all():
         if isinstance(found, Device):
-            print(f"{found.backend:7s} available: {found.describe()}")
+            print(f"{found.backend:8s} available: {found.describe()}")
         else:
-            print(f"{found.backend:7s} unavailable: {found.reason}")
+            print(f"{found.backend:8s} unavailable: {found.reason}")
 
 
 def _lora_args(values: list[str], folder) -> list[tuple[Path, float]]:

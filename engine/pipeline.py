@@ -105,6 +105,7 @@ class Pipeline:
         self.plan: Plan | None = None  # the last plan made
         self.moved: dict[str, str] = {}  # component -> backend that took it when ours could not open it
         self._sessions: dict[str, object] = {}
+        self._precision = "f32"  # the arithmetic the open sessions were opened for (the last plan's)
         self._lock = threading.RLock()  # see _one_call_at_a_time
         # LoRAs and embeddings (engine/adapters.py): the set given to set_loras, the one applied now (a
         # prompt's <lora:...> tags add to the first for one call), and the weights that replace the
@@ -321,7 +322,8 @@ class Pipeline:
         # Core ML packages have no other backend to fall back to; ONNX graphs move to the next one
         fallbacks = [] if self.model.format == "coreml" else None
         session, backend, _ = open_with_fallback(path, spec, backend, device, limit, fallbacks=fallbacks,
-                                                 overrides=self._overrides.get(spec.name), dtype=dtype)
+                                                 overrides=self._overrides.get(spec.name), dtype=dtype,
+                                                 precision=plan.precision if plan is not None else "f32")
         if backend is not self.backend and not on_host:
             self.moved[spec.name] = backend.name
         return session
@@ -405,6 +407,7 @@ class Pipeline:
         vae_decoder: str = "full",
         preview_every: int | None = None,
         cache_interval: int = 1,
+        precision: str = "f32",
     ) -> GenerationResult:
         """Generate. The arguments are diffusers' StableDiffusion(XL)Pipeline's. Models with two text
         encoders (SDXL) also take `prompt_2` and `negative_prompt_2` (for the second encoder; default: the
@@ -433,7 +436,11 @@ class Pipeline:
 
         `cache_interval=N` (an export with --deep-cache) runs the full UNet every N steps and its shallow
         path, on the deep feature the last full step left, in between (engine/deepcache.py: DeepCache):
-        fewer UNet FLOPs for a picture close to, not equal to, the exact one. 1, the default, is exact."""
+        fewer UNet FLOPs for a picture close to, not equal to, the exact one. 1, the default, is exact.
+
+        `precision="bf16"` lets the plan run the sessions in bf16 where the device is fast at it (the
+        openvino backend on AVX512_BF16 or AMX CPUs); elsewhere the plan stays f32 and says so. The
+        default, "f32", is exact."""
         timings: dict[str, float] = {}
         model = self.model
         family = model.family
@@ -502,6 +509,8 @@ class Pipeline:
         interval = _interval(guidance_interval)  # checked even where guidance is off (and then unused)
         interval = interval if cfg else None
         cache_interval = arg.whole("cache_interval", cache_interval, 1, None, " steps")
+        if precision not in ("f32", "bf16"):
+            raise EdgediffError(f"precision must be 'f32' or 'bf16', not {precision!r}")
         if cache_interval > 1 and not model.has(family.unet_shallow):
             raise EdgediffError(f"cache_interval {cache_interval} needs an export with feature caching: export "
                                 f"{model.name} again with --deep-cache, or use cache_interval 1")
@@ -513,9 +522,13 @@ class Pipeline:
 
         # 2. The memory plan for this request, before anything is loaded; a leaner plan than the last
         # frees what it does not keep first.
-        request = Request(width, height, batch, cfg, img2img=init_image is not None, cache_interval=cache_interval)
+        request = Request(width, height, batch, cfg, img2img=init_image is not None, cache_interval=cache_interval,
+                          precision=precision)
         plan = self.make_plan(request) if plan is None else self._given_plan(plan, request)
         self.plan = plan  # the last plan made, for describe(); the stages below read `plan` alone
+        if plan.precision != self._precision:  # sessions compiled for another arithmetic: open them again
+            self._sessions.clear()
+            self._precision = plan.precision
         for name in [n for n in self._sessions if not plan.keeps(n)]:
             del self._sessions[name]
         gc.collect()

@@ -94,6 +94,8 @@ class Request:
     # feature caching (engine/deepcache.py): the full UNet every this many steps, the shallow one between;
     # 1 is exact. The shallow UNet's weights are held beside the full one's.
     cache_interval: int = 1
+    # the arithmetic asked for: "f32" (exact), or "bf16" where the device is fast at it (the plan decides)
+    precision: str = "f32"
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,9 @@ class Plan:
     # each component's predicted need (weights, activations, session), bytes: its share of the allocators
     needs: tuple[tuple[str, int], ...] = ()
     overhead: int = 0  # the backend's fixed cost (context, cuDNN/cuBLAS handles), outside its allocators
+    # the sessions' arithmetic: bf16 when the request asks for it and the device is fast at it (OpenVINO
+    # on AVX512_BF16 or AMX CPUs), else f32; backends that run the graph's own dtype ignore it
+    precision: str = "f32"
 
     @property
     def session_memory_limit(self) -> int:
@@ -166,6 +171,10 @@ class Plan:
         cfg = "cfg batched" if self.cfg_batched else "cfg one after the other"
         if r.cache_interval > 1:
             cfg += f", full UNet every {r.cache_interval} steps (feature cache)"
+        if self.precision != "f32":
+            cfg += f", {self.precision} arithmetic"
+        elif r.precision != "f32":
+            cfg += f", f32 arithmetic ({r.precision} asked; {self.device} is not fast at it)"
         return (f"{self.rung} plan on {self.backend}: {r.width}x{r.height} x{r.batch}, {self.dtype}, "
                 f"{attention}, {cfg}, {vae}; predicted peak {_gb(self.predicted_peak)} "
                 f"of a {_gb(self.budget)} budget")
@@ -296,7 +305,8 @@ def _plan(model, parts: dict, request: Request, device, limit: int, rung: str, c
         vae_margin=margin,
         resident=resident, streamed=loaded_in_turn,
         dtype=manifest.get("dtype", "fp32"), attention=attention, slices=slices, stages=tuple(stages),
-        needs_export=needs_export, on_host=on_host, needs=tuple(needs.items()), overhead=cost.fixed)
+        needs_export=needs_export, on_host=on_host, needs=tuple(needs.items()), overhead=cost.fixed,
+        precision="bf16" if request.precision == "bf16" and getattr(device, "bf16", False) else "f32")
 
 
 def backend_cost(name: str):

@@ -562,4 +562,4 @@ def test_devices_command_says_why_accelerators_are_unavailable(monkeypatch, caps
                                                                       11 * GiB, (8, 6)))
     assert main(["devices"]) == 0
     cuda_line = capsys.readouterr().out.splitlines()[0]
-    assert cuda_line.startswith("cuda    available: NVIDIA GeForce RTX 3060; 12.0 GiB total, 11.0 GiB free")
+    assert cuda_line.startswith("cuda     available: NVIDIA GeForce RTX 3060; 12.0 GiB total, 11.0 GiB free")

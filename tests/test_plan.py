@@ -510,3 +510,37 @@ def test_folders_without_a_profile_get_sd15s_scaled_to_their_size(tiny, tmp_path
     for name in ("text_encoder", "vae_encoder", "vae_decoder"):
         want, got = measured[name].activations(1, 8, 8), fallback[name].activations(1, 8, 8)
         assert want / 3 <= got <= want * 3, f"{name}: {got} against {want} measured"
+
+
+def test_precision_is_the_plans_bf16_only_where_the_device_is_fast_at_it(tiny, monkeypatch):
+    """precision="bf16" asks; the plan decides (bf16 on a device that says it is fast at bf16, f32
+    elsewhere, saying why), and every session the pipeline opens gets the plan's precision."""
+    model, facts = sd15()
+    rung = RUNGS[0]
+    fast = Device("openvino", "Intel Xeon (CPU)", ("OpenVINO:CPU",), 24 * GiB, 20 * GiB, unified_memory=True, bf16=True)
+    slow = Device("openvino", "Intel Core i5 (CPU)", ("OpenVINO:CPU",), 24 * GiB, 20 * GiB, unified_memory=True)
+    assert _plan(model, facts, Request(512, 512, precision="bf16"), fast, 8 * GiB, *rung).precision == "bf16"
+    assert _plan(model, facts, Request(512, 512), fast, 8 * GiB, *rung).precision == "f32"  # exact by default
+    plan = _plan(model, facts, Request(512, 512, precision="bf16"), slow, 8 * GiB, *rung)
+    assert plan.precision == "f32" and "bf16 asked; Intel Core i5 (CPU) is not fast at it" in plan.summary()
+
+    import edgediff.backends as backends
+
+    opened = []
+    real = backends.open_with_fallback
+
+    def spy(*args, **kwargs):
+        opened.append((args[1].name, kwargs.get("precision")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "open_with_fallback", spy)
+    pipe = Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu", safety_checker=False)
+    pipe.device = fast  # the pipeline plans for this device; the cpu backend opens the sessions (and ignores it)
+    pipe("a cat", num_inference_steps=2, width=64, height=64)  # f32 sessions, kept by the resident plan
+    opened.clear()
+    result = pipe("a cat", num_inference_steps=2, width=64, height=64, precision="bf16")
+    assert result.plan.precision == "bf16" and "bf16 arithmetic" in result.plan.summary()
+    assert {name for name, _ in opened} >= {"text_encoder", "unet", "vae_decoder"}
+    assert {p for _, p in opened} == {"bf16"}
+    with pytest.raises(EdgediffError, match="precision must be 'f32' or 'bf16'"):
+        pipe("a cat", num_inference_steps=2, width=64, height=64, precision="fp8")
