@@ -25,7 +25,7 @@ def _cpu_name(system: str, run) -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-ARENA_COMPONENTS = ("text_encoder", "unet")
+ARENA_COMPONENTS = ("text_encoder", "unet", "unet_shallow")  # the shallow UNet: the UNet's calls, smaller
 
 
 class CpuBackend:
