@@ -94,7 +94,7 @@ def test_tiny_decoder_mistakes_are_one_line(tiny, tmp_path, capsys):
     pipe = Pipeline.from_pretrained(tiny("sd1")[1], backend="cpu", safety_checker=False)
     with pytest.raises(EdgediffError, match="has no tiny autoencoder: export it with --tiny-vae madebyollin/taesd"):
         pipe("a cat", num_inference_steps=2, width=64, height=64, vae_decoder="tiny")
-    with pytest.raises(EdgediffError, match="vae_decoder must be 'full' or 'tiny'"):
+    with pytest.raises(EdgediffError, match="vae_decoder must be 'full', 'tiny' or 'int8'"):
         pipe("a cat", num_inference_steps=2, width=64, height=64, vae_decoder="taesd")
     with pytest.raises(EdgediffError, match="preview_every passes previews to the callback"):
         pipe("a cat", num_inference_steps=2, width=64, height=64, preview_every=1)
