@@ -1,6 +1,6 @@
 """The runners a benchmark compares, each measured in a process of its own.
 
-    python peers.py RUNNER --spec SPEC.json      # RUNNER: edgediff, diffusers or optimum
+    python peers.py RUNNER --spec SPEC.json      # RUNNER: edgediff, diffusers, optimum or optimum-intel
 
 A runner loads its pipeline (timed: the cold start), runs a warm-up call of the protocol's warm-up steps,
 then the timed call, all from the initial latents in SPEC's .npy file, with the Euler scheduler built from
@@ -18,8 +18,8 @@ child's own address space's peak. Since a generation resets it (to measure itsel
 before every reset and keeps the largest reading.
 
 This file runs by its path in three environments: the dev venv (edgediff; diffusers, which imports
-torch), and optimum's own venv (bench/optimum_env.py), where edgediff is not importable. So its top level
-imports the standard library only, and each runner imports what it needs.
+torch), and the optimum and optimum-intel venvs (bench/optimum_env.py), where edgediff is not importable.
+So its top level imports the standard library only, and each runner imports what it needs.
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-RUNNERS = ("edgediff", "diffusers", "optimum")
+RUNNERS = ("edgediff", "diffusers", "optimum", "optimum-intel")
 # What each peer's report lists as "versions".
 PEER_PACKAGES = {
     "diffusers": ("diffusers", "transformers", "torch", "numpy"),
     "optimum": ("optimum-onnx", "optimum", "diffusers", "transformers", "onnxruntime", "torch", "numpy"),
+    "optimum-intel": ("optimum-intel", "optimum", "openvino", "openvino-tokenizers", "diffusers", "transformers",
+                      "torch", "numpy"),
 }
 
 
@@ -59,47 +62,65 @@ def check_diffusers(diffusers_folder: str | None) -> None:
         raise PeerUnavailable("the model has no diffusers folder to load (give --model a diffusers folder)")
 
 
-def optimum_model(diffusers_folder: str | None, source_sha256: str | None, given: str | None,
-                  python: Path) -> Path:
-    """The folder optimum's pipeline loads: `given`, or optimum-cli's export of the same weights, made once
-    into edgediff's cache (bench/optimum/<source hash>)."""
+@dataclass(frozen=True)
+class ExportedPeer:
+    """How a peer's own exporter turns the diffusers folder into the folder its pipeline loads."""
+    cli: tuple[str, ...]  # optimum-cli's arguments between the command and `--model SRC OUT`
+    marker: str  # a file of a finished export (its parts are moved in together at the end)
+
+
+EXPORTS = {
+    "optimum": ExportedPeer(("export", "onnx", "--task", "text-to-image"), "unet/model.onnx"),
+    # fp32 weights: without --weight-format, optimum-cli compresses the weights of parts over 1B parameters
+    # (SDXL's UNet) to int8
+    "optimum-intel": ExportedPeer(("export", "openvino", "--task", "text-to-image", "--weight-format", "fp32"),
+                                  "unet/openvino_model.xml"),
+}
+
+
+def peer_model(peer: str, diffusers_folder: str | None, source_sha256: str | None, given: str | None,
+               python: Path) -> Path:
+    """The folder the peer's pipeline loads: `given`, or optimum-cli's export of the same weights, made once
+    into edgediff's cache (bench/<peer>/<source hash>)."""
+    flag = f"--{peer}-model"
     if given:
         if not (Path(given) / "model_index.json").is_file():
-            raise PeerUnavailable(f"--optimum-model {given} is not a model folder (no model_index.json)")
+            raise PeerUnavailable(f"{flag} {given} is not a model folder (no model_index.json)")
         return Path(given)
     if not diffusers_folder or not source_sha256:
-        raise PeerUnavailable("the model has no diffusers folder for optimum-cli to export (give --optimum-model)")
+        raise PeerUnavailable(f"the model has no diffusers folder for optimum-cli to export (give {flag})")
     from ..engine.files import atomic_folder
     from ..engine.files import cache_root
     from .optimum_env import subprocess_env
 
-    out = cache_root() / "bench" / "optimum" / source_sha256[:16]
-    if (out / "unet" / "model.onnx").is_file():
+    export = EXPORTS[peer]
+    out = cache_root() / "bench" / peer / source_sha256[:16]
+    if (out / export.marker).is_file():
         return out
+    import shutil
     import subprocess
 
-    print(f"optimum: exporting {diffusers_folder} with optimum-cli into {out} (once)", file=sys.stderr)
+    print(f"{peer}: exporting {diffusers_folder} with optimum-cli into {out} (once)", file=sys.stderr)
     with atomic_folder(out) as tmp:
         src = hub_layout(Path(diffusers_folder), tmp / "source")
-        cli = [str(python.parent / "optimum-cli"), "export", "onnx", "--model", str(src),
-               "--task", "text-to-image", str(tmp / "onnx")]
+        cli = [str(python.parent / "optimum-cli"), *export.cli, "--model", str(src), str(tmp / "exported")]
         done = subprocess.run(cli, capture_output=True, text=True, env=subprocess_env())
         if done.returncode:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-            raise PeerUnavailable(f"optimum-cli export onnx failed: {tail[0][:300]}")
-        for part in (tmp / "onnx").iterdir():
+            raise PeerUnavailable(f"optimum-cli {' '.join(export.cli[:2])} failed: {tail[0][:300]}")
+        for part in (tmp / "exported").iterdir():
             part.rename(tmp / part.name)
-        (tmp / "onnx").rmdir()
-        import shutil
-
-        shutil.rmtree(tmp / "source")
+        (tmp / "exported").rmdir()
+        shutil.rmtree(src)
     return out
 
 
 def hub_layout(src: Path, dst: Path) -> Path:
     """The source with its tokenizer and text encoder as transformers 4 (optimum's venv) reads them:
     vocab.json and merges.txt beside tokenizer.json, and the text encoder's weights under `text_model.`
-    (transformers 5 writes neither; tests/test_optimum_interop.py explains). The other parts are linked."""
+    (transformers 5 writes neither; tests/test_optimum_interop.py explains). transformers 5.5 (optimum-intel's
+    venv) needs the prefix too: without it, it loads CLIPTextModel with random weights and a load report,
+    and the export's picture has nothing to do with diffusers' (4 dB). The other parts are linked."""
     dst.mkdir(parents=True)
     for part in src.iterdir():
         if part.name in ("tokenizer", "text_encoder"):
@@ -231,8 +252,34 @@ def run_optimum(spec: dict) -> dict:
     return _run_peer(pipe, spec, {}, start, "optimum", ", ".join(providers))
 
 
+def run_optimum_intel(spec: dict) -> dict:
+    import openvino
+    import optimum.intel
+
+    start = time.perf_counter()
+    # OVStableDiffusionPipeline (OVStableDiffusionXLPipeline for SDXL) compiles every part for the CPU in
+    # from_pretrained, so load_s includes the compilation. No ov_config: OpenVINO's defaults are what a
+    # user gets, and on a CPU with AVX512_BF16 or AMX they include bf16 inference (the note says which ran).
+    cls = getattr(optimum.intel, "OV" + pipeline_class(spec["model"]))
+    pipe = cls.from_pretrained(spec["model"], export=False)
+    precision = _ov_precision(pipe)
+    runtime = f"OpenVINO {openvino.get_version().split('-')[0]}, CPU, " + "/".join(sorted(set(precision.values())))
+    report = {"note": "inference precision (INFERENCE_PRECISION_HINT, OpenVINO's default): "
+                      + ", ".join(f"{part} {p}" for part, p in precision.items())}
+    return _run_peer(pipe, spec, report, start, "optimum-intel", runtime)
+
+
+def _ov_precision(pipe) -> dict[str, str]:
+    """The precision each compiled part runs in: OpenVINO's CPU plugin picks bf16 by itself where the CPU
+    has AVX512_BF16 or AMX (f32 elsewhere), unless ov_config asks for another."""
+    parts = {"text_encoder": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None),
+             "unet": pipe.unet, "vae_decoder": pipe.vae.decoder}
+    return {name: part.request.get_property("INFERENCE_PRECISION_HINT").to_string()  # an openvino.Type: "bf16"
+            for name, part in parts.items() if part is not None and part.request is not None}
+
+
 def _run_peer(pipe, spec: dict, report: dict, start: float, runner: str, device: str) -> dict:
-    """diffusers' pipeline call, shared by diffusers and optimum (whose pipeline inherits it)."""
+    """diffusers' pipeline call, shared by diffusers, optimum and optimum-intel (whose pipelines inherit it)."""
     import numpy as np
     import torch
     from diffusers import EulerDiscreteScheduler
@@ -359,10 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     Path(spec["out"]).mkdir(parents=True, exist_ok=True)
     try:
         with _quiet():
-            report = {"run_edgediff": run_edgediff, "run_diffusers": run_diffusers,
-                      "run_optimum": run_optimum}[f"run_{args.runner}"](spec)
+            report = {"edgediff": run_edgediff, "diffusers": run_diffusers, "optimum": run_optimum,
+                      "optimum-intel": run_optimum_intel}[args.runner](spec)
     except Exception as e:
-        if type(e).__name__ != "EdgediffError":  # edgediff is not importable in optimum's venv
+        if type(e).__name__ != "EdgediffError":  # edgediff is not importable in the optimum venvs
             raise
         print(f"edgediff: error: {e}", file=sys.stderr)  # the line the parent's report quotes
         return 2

@@ -9,7 +9,7 @@ fields were changed, so a figure is never quoted as "sd15-512" when it was not.
         Export MODEL for the benchmark if it is not yet (in a process of its own: exporting imports
         torch, the benchmark's parent process does not), and print {"onnx": ..., "diffusers": ...,
         "source_sha256": ...}: the folder edgediff runs, the diffusers folder the peers load (or null)
-        and the hash of the source's content (the key of the optimum export kept for it).
+        and the hash of the source's content (the key of the optimum exports kept for it).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Protocol:
     steps: int
     batch: int = 1  # images per prompt
     guidance: float = 7.5  # CFG scale: the UNet sees 2 x batch per step
-    scheduler: str = "euler"  # Euler discrete: deterministic, the same in edgediff, diffusers and optimum
+    scheduler: str = "euler"  # Euler discrete: deterministic, the same in edgediff and every peer
     prompt: str = PROMPT
     negative: str = ""
     seed: int = 42  # the initial latents: edgediff.engine.noise's draw for this seed, saved and given to all
@@ -83,7 +83,7 @@ def variant_options(variant: str) -> dict:
     return options
 DTYPES = ("fp32", "fp16", "int8")
 BENCH_MODELS = ("sd15", "sdxl")  # built locally with random weights (bench/export_memory.MODELS)
-PEERS = ("diffusers", "optimum")
+PEERS = ("diffusers", "optimum", "optimum-intel")  # bench/peers.py runs them
 
 
 def protocol(name: str, model: str | None = None, steps: int | None = None, width: int | None = None,

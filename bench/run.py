@@ -1,7 +1,7 @@
 """`edgediff bench`: one protocol, run by edgediff and its peers, each in a process of its own.
 
     edgediff bench --protocol sd15-512                               # the full-size SD 1.5 architecture
-    edgediff bench --protocol sd15-256 --steps 2 --against diffusers,optimum --json sd15.json
+    edgediff bench --protocol sd15-256 --steps 2 --against diffusers,optimum,optimum-intel --json sd15.json
     edgediff bench --protocol tiny --against diffusers --edgediff dtype=fp32 --edgediff dtype=fp16
     edgediff bench compare A.json B.json --png chart.png
 
@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None,
                    help="steps of the untimed first call (default: the protocol's, 1); 0: none")
-    p.add_argument("--against", default="", help="peers to run too, comma-separated: diffusers,optimum")
+    p.add_argument("--against", default="",
+                   help=f"peers to run too, comma-separated: {','.join(protocols.PEERS)}")
     p.add_argument("--repeat", type=int, default=1, help="rounds, alternating the order (default: %(default)s)")
     p.add_argument("--dtype", default="fp32", choices=protocols.DTYPES, help="edgediff's export (one row)")
     p.add_argument("--plan", default=None, help="force edgediff's plan rung (resident, ..., lowest)")
@@ -59,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--dtype/--plan/--budget/--variant describe")
     p.add_argument("--optimum-model", default=None,
                    help="the folder optimum's pipeline loads (default: optimum-cli's export of the model, made once)")
+    p.add_argument("--optimum-intel-model", default=None,
+                   help="the OpenVINO folder optimum-intel's pipeline loads (default: optimum-cli's export, "
+                        "made once)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     p.add_argument("--out-dir", default=None,
                    help="where the runners write images and reports (default: a new temporary folder)")
@@ -107,9 +111,10 @@ def run(args) -> None:
     for k, row in enumerate(rows):
         runners.append((row.label(), "edgediff", dict(base, model=folders[row]["onnx"], options=asdict(row),
                                                       out=str(out / f"edgediff-{k + 1}")), None, None))
+    given = {"optimum": args.optimum_model, "optimum-intel": args.optimum_intel_model}  # exported by the user
     for peer in peers:
         try:
-            runners.append(_peer(peer, base, first, out, args.optimum_model))
+            runners.append(_peer(peer, base, first, out, given.get(peer)))
         except _Skip as e:
             skipped.append({"name": peer, "reason": str(e)})
             print(f"{peer}: skipped ({e})")
@@ -179,7 +184,7 @@ def _latents(protocol: protocols.Protocol, onnx: str):
     return noise.batch_noise(seeds, noise.INITIAL, (LATENT_CHANNELS, protocol.height // f, protocol.width // f))
 
 
-def _peer(peer: str, base: dict, first: dict, out: Path, optimum_model: str | None):
+def _peer(peer: str, base: dict, first: dict, out: Path, given_model: str | None):
     from . import peers as peer_runners
 
     try:
@@ -187,14 +192,15 @@ def _peer(peer: str, base: dict, first: dict, out: Path, optimum_model: str | No
             peer_runners.check_diffusers(first.get("diffusers"))
             return ("diffusers", "diffusers", dict(base, model=first["diffusers"], out=str(out / "diffusers")),
                     None, None)
-        from . import optimum_env
+        from . import optimum_env  # optimum, optimum-intel: a venv of their own each
 
         try:
-            python = optimum_env.optimum_python()
+            python = optimum_env.VENVS[peer].python()
         except (optimum_env.OptimumEnvUnavailable, RuntimeError) as e:
             raise _Skip(f"its venv could not be built: {str(e).splitlines()[0][:300]}") from None
-        model = peer_runners.optimum_model(first.get("diffusers"), first.get("source_sha256"), optimum_model, python)
-        return ("optimum", "optimum", dict(base, model=str(model), out=str(out / "optimum")), str(python),
+        model = peer_runners.peer_model(peer, first.get("diffusers"), first.get("source_sha256"), given_model,
+                                        python)
+        return (peer, peer, dict(base, model=str(model), out=str(out / peer)), str(python),
                 optimum_env.subprocess_env())
     except peer_runners.PeerUnavailable as e:
         raise _Skip(str(e)) from None
