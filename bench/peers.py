@@ -170,6 +170,7 @@ def run_edgediff(spec: dict) -> dict:
     # the speed levers a row asks for (bench/protocols.EdgediffOptions), each off by default
     interval = options.get("guidance_interval")
     call.update(cache_interval=int(options.get("cache", 1)), vae_decoder=options.get("vae", "full"),
+                precision=options.get("precision", "f32"),
                 guidance_interval=tuple(float(v) for v in interval.split("-")) if interval else None)
     if spec["warmup_steps"]:
         peak.read()  # each call resets VmHWM when it starts
@@ -210,7 +211,8 @@ def _rung_budget(spec: dict, rung: str, backend: str) -> int:
     facts = component_facts(model)
     _, device = select(backend)
     request = Request(spec["width"], spec["height"], spec["batch"], cfg=spec["guidance"] > 1,
-                      cache_interval=int(spec["options"].get("cache", 1)))
+                      cache_interval=int(spec["options"].get("cache", 1)),
+                      precision=spec["options"].get("precision", "f32"))
     peaks = {r[0]: _plan(model, facts, request, device, 10**13, *r).predicted_peak for r in RUNGS}
     names = [r[0] for r in RUNGS]
     faster = [peaks[n] for n in names[:names.index(rung)]]

@@ -119,7 +119,8 @@ class EdgediffOptions:
     # (variant deepcache), guidance only for sigmas in "LOW-HIGH", the tiny decoder (variant tinyvae)
     cache: int = 1
     guidance_interval: str | None = None
-    vae: str = "full"
+    vae: str = "full"  # or tiny (variant tinyvae), or int8 (dtype int8: its int8 decoder)
+    precision: str = "f32"  # or bf16: the plan's arithmetic where the device is fast at it (openvino)
 
     def label(self) -> str:
         parts = ["edgediff", self.dtype]
@@ -131,6 +132,8 @@ class EdgediffOptions:
             parts.append(f"cfg in {self.guidance_interval}")
         if self.vae != "full":
             parts.append(f"{self.vae} vae")
+        if self.precision != "f32":
+            parts.append(self.precision)
         if self.plan:
             parts.append(self.plan)
         if self.budget:
@@ -160,8 +163,11 @@ class EdgediffOptions:
             raise EdgediffError("--edgediff: cache must be at least 1, guidance_interval two sigmas LOW-HIGH")
         if cache > 1 and "deepcache" not in str(self.variant).split("+"):
             raise EdgediffError(f"--edgediff cache={cache} needs the deepcache export: add variant=deepcache")
-        if self.vae not in ("full", "tiny") or (self.vae == "tiny" and "tinyvae" not in str(self.variant).split("+")):
-            raise EdgediffError(f"--edgediff vae={self.vae}: full, or tiny with variant=tinyvae")
+        if self.vae not in ("full", "tiny", "int8") or (self.vae == "tiny" and "tinyvae" not in str(self.variant).split("+")) \
+                or (self.vae == "int8" and self.dtype != "int8"):
+            raise EdgediffError(f"--edgediff vae={self.vae}: full, tiny with variant=tinyvae, or int8 with dtype=int8")
+        if self.precision not in ("f32", "bf16"):
+            raise EdgediffError(f"--edgediff precision={self.precision}: f32 or bf16")
         rungs = [r[0] for r in RUNGS]
         if self.plan is not None and self.plan not in rungs:
             raise EdgediffError(f"unknown plan {self.plan!r}; use one of: {', '.join(rungs)}")

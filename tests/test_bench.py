@@ -138,6 +138,8 @@ def test_compare_renders_table_and_png(tiny_report, tmp_path, capsys):
     (["bench", "--protocol", "tiny", "--edgediff", "cache=3"], ["cache=3 needs the deepcache export"]),
     (["bench", "--protocol", "tiny", "--edgediff", "variant=deepcache,cache=x"], ["cache takes a whole number"]),
     (["bench", "--protocol", "tiny", "--edgediff", "vae=tiny"], ["vae=tiny", "variant=tinyvae"]),
+    (["bench", "--protocol", "tiny", "--edgediff", "vae=int8"], ["vae=int8", "int8 with dtype=int8"]),
+    (["bench", "--protocol", "tiny", "--edgediff", "precision=fp8"], ["precision=fp8: f32 or bf16"]),
     (["bench", "--protocol", "tiny", "--edgediff", "variant=deepcache+int4"], ["unknown export variant 'int4'"]),
     (["bench", "--protocol", "tiny", "--edgediff", "fp16"], ["key=value"]),
     (["bench", "--protocol", "tiny", "--width", "100"], ["--width 100", "multiple of 8"]),
@@ -232,13 +234,18 @@ def test_speed_levers_are_rows_of_one_run(tmp_path):
     with redirect_stdout(out):
         code = main(["bench", "--protocol", "tiny", "--steps", "6", "--edgediff", "dtype=fp32",
                      "--edgediff", "variant=deepcache,cache=3", "--edgediff", "guidance_interval=0.5-20",
+                     "--edgediff", "backend=openvino,precision=bf16",
                      "--json", str(tmp_path / "levers.json"), "--out-dir", str(tmp_path / "run")])
     assert code == 0, out.getvalue()
     rows = {r["name"]: r for r in json.loads((tmp_path / "levers.json").read_text())["rows"]}
-    assert set(rows) == {"edgediff fp32", "edgediff fp32 deepcache cache 3", "edgediff fp32 cfg in 0.5-20"}
+    assert set(rows) == {"edgediff fp32", "edgediff fp32 deepcache cache 3", "edgediff fp32 cfg in 0.5-20",
+                         "edgediff fp32 bf16 openvino"}
     assert all(r["status"] == "ok" for r in rows.values()), rows
     cached = rows["edgediff fp32 deepcache cache 3"]
     assert "full UNet every 3 steps" in cached["plan"]
     assert rows["edgediff fp32"]["psnr_note"] == "reference"
     assert cached["psnr_db"] is not None and cached["psnr_db"] > 0  # a figure: not the exact picture
     assert rows["edgediff fp32 cfg in 0.5-20"]["psnr_db"] is not None
+    # bf16 where this CPU is fast at it, else f32 saying so: the plan names it either way
+    openvino = rows["edgediff fp32 bf16 openvino"]
+    assert openvino["backend"] == "openvino" and "bf16" in openvino["plan"]
