@@ -254,14 +254,20 @@ class OrtSession:
         return {name: np.asarray(v) for name, v in zip(self.output_names, values)}
 
     def _feed(self, name: str, array: np.ndarray) -> np.ndarray:
-        value = np.ascontiguousarray(array, dtype=self.input_types[name])
-        if name in self.scalar_inputs:
-            flat = value.reshape(-1)
-            if flat.size == 0 or (flat != flat[0]).any():
-                raise EdgediffError(f"{self.path}: {name} is one scalar in this graph, but the batch needs "
-                                    f"{flat.size} different values")
-            value = np.asarray(flat[0])
-        return value
+        return feed(self.path, name, array, self.input_types[name], name in self.scalar_inputs)
+
+
+def feed(path: Path, name: str, array: np.ndarray, dtype: np.dtype, scalar: bool) -> np.ndarray:
+    """An input as a graph takes it: contiguous, in the graph's dtype, and a 0-d scalar where the graph
+    has one (optimum's UNet timestep), provided every batch row gives the same value."""
+    value = np.ascontiguousarray(array, dtype=dtype)
+    if scalar:
+        flat = value.reshape(-1)
+        if flat.size == 0 or (flat != flat[0]).any():
+            raise EdgediffError(f"{path}: {name} is one scalar in this graph, but the batch needs "
+                                f"{flat.size} different values")
+        value = np.asarray(flat[0])
+    return value
 
 
 class OrtProviderBackend:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ...engine.components import ComponentSpec
-from ..base import EdgediffError, MissingComponent, Overrides
+from ..base import EdgediffError, MissingComponent, Overrides, feed
 
 log = logging.getLogger("edgediff")
 
@@ -151,14 +151,7 @@ class OpenVinoSession:
         return request
 
     def _feed(self, name: str, array: np.ndarray) -> np.ndarray:
-        value = np.ascontiguousarray(array, dtype=self.input_types[name])
-        if name in self.scalar_inputs:
-            flat = value.reshape(-1)
-            if flat.size == 0 or (flat != flat[0]).any():
-                raise EdgediffError(f"{self.path}: {name} is one scalar in this graph, but the batch needs "
-                                    f"{flat.size} different values")
-            value = np.asarray(flat[0])
-        return value
+        return feed(self.path, name, array, self.input_types[name], name in self.scalar_inputs)
 
 
 def _output_name(port, spec: ComponentSpec) -> str:
