@@ -334,6 +334,14 @@ def test_int8_export_quantizes_the_unet_only(builtin_model):
 
     assert decoder["psnr"] >= 25 and decoder["calibration_latents"] == len(CALIBRATION_PROMPTS)
     graph = onnx.load(str(out / "unet" / "model.onnx"))
+    # the layers whose inputs would lose most to uint8, measured, stay fp32: none of their inputs is dequantized
+    layers = unet["extra"]["fp32_layers"]
+    kept = [name for name, db in layers["worst"] if db < layers["floor"]]
+    assert layers["floor"] == 30 and 0 < layers["kept"] < layers["nodes"] and len(kept) == min(layers["kept"], 10)
+    dequantized = {o for n in graph.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    nodes = {n.name: n for n in graph.graph.node}
+    assert all(not set(nodes[name].input) & dequantized for name in kept)
+    assert any(set(n.input) & dequantized for n in graph.graph.node if n.op_type == "MatMul")
     int8_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
     convs = [n for n in graph.graph.node if n.op_type == "Conv"]
     assert len(int8_weights) >= len(convs) - 1  # every conv kernel (conv_in may be left fp32)
