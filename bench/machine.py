@@ -43,7 +43,8 @@ def machine_facts() -> dict:
     gpus, unavailable = [], {}
     for found in probe_all():
         if isinstance(found, Device):
-            if found.backend != "cpu":
+            # a backend running on the host's cores (openvino's CPU device says how many) is not a GPU
+            if found.backend != "cpu" and not found.cores:
                 gpus.append({"backend": found.backend, "name": found.name, "driver": found.driver,
                              "memory_bytes": found.total_memory, "describe": found.describe()})
         else:

@@ -249,3 +249,17 @@ def test_speed_levers_are_rows_of_one_run(tmp_path):
     # bf16 where this CPU is fast at it, else f32 saying so: the plan names it either way
     openvino = rows["edgediff fp32 bf16 openvino"]
     assert openvino["backend"] == "openvino" and "bf16" in openvino["plan"]
+
+
+def test_machine_lists_gpus_not_backends_on_the_host_cpu(monkeypatch):
+    """The report's GPUs are the accelerators the probes found: OpenVINO running on the host's CPU is
+    not one (the first sd15-256 run of issue 15 listed the Xeon as a GPU)."""
+    import edgediff.backends as backends
+    from edgediff.backends.base import Device
+    from edgediff.bench.machine import machine_facts
+
+    found = [Device("cuda", "NVIDIA GeForce RTX 3060", ("CUDAExecutionProvider",), 12 * 2**30),
+             Device("cpu", "Intel Xeon (2 cores)", ("CPUExecutionProvider",), cores=2),
+             Device("openvino", "Intel Xeon", ("OpenVINO:CPU",), cores=2, bf16=True)]
+    monkeypatch.setattr(backends, "probe_all", lambda: found)
+    assert [g["name"] for g in machine_facts()["gpus"]] == ["NVIDIA GeForce RTX 3060"]
