@@ -71,6 +71,7 @@ def _taesd() -> dict:
 VARIANTS: dict[str, object] = {
     "default": dict,
     "deepcache": lambda: {"deep_cache": "auto"},  # the shallow UNet for cache=N (depth measured at export)
+    "deepcache1": lambda: {"deep_cache": "1"},  # the cheapest depth, forced: DeepCache's branch 0
     "tinyvae": _taesd,  # the tiny decoder for vae=tiny
 }
 
@@ -161,7 +162,7 @@ class EdgediffOptions:
                                 "(0.28-5.42)") from None
         if cache < 1 or (interval is not None and len(interval) != 2):
             raise EdgediffError("--edgediff: cache must be at least 1, guidance_interval two sigmas LOW-HIGH")
-        if cache > 1 and "deepcache" not in str(self.variant).split("+"):
+        if cache > 1 and not any(v.startswith("deepcache") for v in str(self.variant).split("+")):
             raise EdgediffError(f"--edgediff cache={cache} needs the deepcache export: add variant=deepcache")
         if self.vae not in ("full", "tiny", "int8") or (self.vae == "tiny" and "tinyvae" not in str(self.variant).split("+")) \
                 or (self.vae == "int8" and self.dtype != "int8"):
