@@ -33,13 +33,14 @@ def evaluation_scenes(count: int = EVAL_COUNT) -> list[Scene]:
 
 
 def evaluate(pipe, scheduler: str | None = None, steps: int = 20, count: int = EVAL_COUNT, seed: int = 0,
-             guidance_scale: float = 7.5) -> Evaluation:
-    """Each caption k is generated with seed + k and judged against its scene."""
+             guidance_scale: float = 7.5, **options) -> Evaluation:
+    """Each caption k is generated with seed + k and judged against its scene. `options` go to every
+    generation (the fast plan's cache_interval, guidance_interval, vae_decoder)."""
     failures = []
     chosen = evaluation_scenes(count)
     for k, scene in enumerate(chosen):
         image = pipe(scene.caption(), num_inference_steps=steps, seed=seed + k, scheduler=scheduler,
-                     guidance_scale=guidance_scale).images[0]
+                     guidance_scale=guidance_scale, **options).images[0]
         verdict = judge(image, scene)
         if not verdict.passed:
             failures.append((scene.caption(), verdict.reasons))

@@ -105,3 +105,17 @@ def test_other_export_options_still_draw_the_captions(options):
     out = ensure_exported("builtin", options)  # the session's cache: tests/test_export.py's int8 test shares it
     result = evaluate(Pipeline.from_pretrained(out, backend="cpu"), steps=20, count=20)
     assert result.rate >= SCHEDULER_BARS["euler"], result.failures
+
+
+# The fast plan of issue 15 on the built-in model: the int8 UNet and decoder, feature caching every 3
+# steps, guidance only for sigmas in (0.28, 5.42]. Measured: see the assert's bar.
+FAST_PLAN = dict(cache_interval=3, guidance_interval=(0.28, 5.42), vae_decoder="int8")
+
+
+def test_the_fast_plan_still_draws_the_captions():
+    """Issue 15's bar: at least 45 of the 50 held-out captions under the fast plan."""
+    from edgediff.export.sources import ensure_exported
+
+    out = ensure_exported("builtin", ExportOptions(dtype="int8", deep_cache="auto"))
+    result = evaluate(Pipeline.from_pretrained(out, backend="cpu"), steps=20, **FAST_PLAN)
+    assert result.passed >= 45, result.failures
