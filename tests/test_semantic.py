@@ -107,9 +107,10 @@ def test_other_export_options_still_draw_the_captions(options):
     assert result.rate >= SCHEDULER_BARS["euler"], result.failures
 
 
-# The fast plan of issue 15 on the built-in model: the int8 UNet and decoder, feature caching every 3
-# steps, guidance only for sigmas in (0.28, 5.42]. Measured: see the assert's bar.
-FAST_PLAN = dict(cache_interval=3, guidance_interval=(0.28, 5.42), vae_decoder="int8")
+# The fast plan of issue 15 on the built-in model: the int8 UNet and decoder, feature caching every 2
+# steps, guidance only for sigmas in (0.28, 5.42]. Measured on the 50 captions: 47 (int8 decoder and
+# interval alone: 47; caching every 3 without the interval: 45; every 3 with it: 42).
+FAST_PLAN = dict(cache_interval=2, guidance_interval=(0.28, 5.42), vae_decoder="int8")
 
 
 def test_the_fast_plan_still_draws_the_captions():
