@@ -311,8 +311,7 @@ def _export_all(src: Path, tmp: Path, options: ExportOptions, profile_memory: bo
         names, args = [t.name for t in spec.inputs], tuple(args[t.name] for t in spec.inputs)
         if not options.deep_cache:
             return wrappers.Unet(m, names), args, "unet"
-        depth, scores = _cache_depth(m, names, args, options.deep_cache)
-        _, feature = wrappers.UnetWithFeature(m, names, depth)(*args)
+        depth, scores, feature = _cache_depth(m, names, args, options.deep_cache)
         cached.update(depth=depth, scores=scores, feature=feature, args=args, names=names)
         return wrappers.UnetWithFeature(m, names, depth), args, "unet"
 
@@ -423,10 +422,10 @@ CACHE_STEP, CACHE_MOVE = 50, 0.25
 CACHE_AGES = 2  # a feature used two steps after it was made: what cache_interval 3 does
 
 
-def _cache_depth(m, names: list[str], args: tuple, choice: str) -> tuple[int, dict]:
-    """The caching depth (wrappers.UnetShallow) and each depth's measured PSNR: the shallow network runs
-    the next CACHE_AGES steps from the feature the full UNet left at this one, against the full UNet on
-    those steps. "auto" takes the cheapest depth that reaches CACHE_MIN_PSNR, or the deepest when none
+def _cache_depth(m, names: list[str], args: tuple, choice: str) -> tuple[int, dict, object]:
+    """The caching depth (wrappers.UnetShallow), each depth's measured PSNR, and the chosen depth's
+    feature on `args` (the shallow UNet's export input): the shallow network runs the next CACHE_AGES
+    steps from the feature the full UNet left at this one, against the full UNet on those steps. "auto" takes the cheapest depth that reaches CACHE_MIN_PSNR, or the deepest when none
     does. One small step (0.05) alone rated the built-in model's depth 1 at 47 dB, whose picture at
     cache_interval 3 is 18 dB from the exact one; two realistic steps rate it 24.7 dB (CACHE_MIN_PSNR)."""
     from . import wrappers
@@ -439,9 +438,10 @@ def _cache_depth(m, names: list[str], args: tuple, choice: str) -> tuple[int, di
         x = x - CACHE_MOVE * full(x, timestep - CACHE_STEP * (age - 1), *rest)
         steps.append((x, timestep - CACHE_STEP * age, *rest))
     wants = [full(*later).numpy() for later in steps]
-    scores = {}
+    scores, features = {}, {}
     for depth in range(1, wrappers.cache_depths(m) + 1):
-        _, feature = wrappers.UnetWithFeature(m, names, depth)(*args)
+        _, features[depth] = wrappers.UnetWithFeature(m, names, depth)(*args)
+        feature = features[depth]
         shallow = wrappers.UnetShallow(m, names, depth)
         found = [tensor_psnr(shallow(*later, feature).numpy(), want)[0] for later, want in zip(steps, wants)]
         found = [v for v in found if v is not None]
@@ -451,9 +451,10 @@ def _cache_depth(m, names: list[str], args: tuple, choice: str) -> tuple[int, di
         if str(depth) not in scores:
             raise EdgediffError(f"--deep-cache {depth}: this UNet's last up block has {len(scores)} layers; "
                                 f"use a depth from 1 to {len(scores)}, or auto")
-        return depth, scores
+        return depth, scores, features[depth]
     good = [int(d) for d, v in scores.items() if v is None or v >= CACHE_MIN_PSNR]
-    return (min(good) if good else len(scores)), scores
+    depth = min(good) if good else len(scores)
+    return depth, scores, features[depth]
 
 
 def _tiny_vae_source(ref: str, vae_config: dict) -> Path:
