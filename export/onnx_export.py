@@ -526,7 +526,7 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
     from ..backends.host import int8_kernels
 
     # the int8 kernels of this machine, which the gate's figures are measured with; AVX2's get 7-bit
-    # weights (quantize.quantize_unet), the price of not saturating
+    # weights (quantize.quantize_graph), the price of not saturating
     kernels = int8_kernels()
     reduce_range = kernels == "avx2"
     decoder_calls: list[dict] | None = [] if decoder_report is not None else None
@@ -543,7 +543,7 @@ def _quantize(tmp: Path, spec: ComponentSpec, report: ComponentReport, native: i
     weight_map.mark_quantized(folder / weight_map.WEIGHT_MAP)
     # the layers whose inputs lose the most to uint8 stay fp32, measured on the calibration calls
     keep, sensitivity = quantize.sensitive_nodes(fp32 / "model.onnx", calls)
-    quantize.quantize_unet(fp32 / "model.onnx", folder / "model.onnx", calls, reduce_range=reduce_range,
+    quantize.quantize_graph(fp32 / "model.onnx", folder / "model.onnx", calls, reduce_range=reduce_range,
                            keep=tuple(keep))
     want = OrtSession(fp32 / "model.onnx", spec, ["CPUExecutionProvider"]).run(**held_out)["out_sample"]
     shutil.rmtree(fp32)
@@ -579,7 +579,7 @@ def _quantize_decoder(tmp: Path, calls: list[dict], report: ComponentReport, red
     fp32 = tmp / VAE_DECODER.onnx_path
     with tempfile.TemporaryDirectory(dir=tmp) as scratch:
         quantized = Path(scratch) / "model.onnx"
-        quantize.quantize_unet(fp32, quantized, calibration, exclude=VAE_DECODER.fp16_keep, reduce_range=reduce_range)
+        quantize.quantize_graph(fp32, quantized, calibration, exclude=VAE_DECODER.fp16_keep, reduce_range=reduce_range)
         onnx.save(onnx.load(str(quantized)), str(fp32.with_name(INT8_GRAPH)))  # one file: about 50 MB
     want = OrtSession(fp32, VAE_DECODER, ["CPUExecutionProvider"]).run(**held_out)["sample"]
     got = OrtSession(fp32.with_name(INT8_GRAPH), VAE_DECODER, ["CPUExecutionProvider"]).run(**held_out)["sample"]

@@ -107,7 +107,7 @@ def sensitive_nodes(fp32: Path, calls: list[dict], floor: float = INT8_MIN_SQNR)
                   "worst": [[n, round(v, 1)] for n, v in worst]}
 
 
-def quantize_unet(fp32: Path, out: Path, calls: list[dict], exclude: tuple[str, ...] = (),
+def quantize_graph(fp32: Path, out: Path, calls: list[dict], exclude: tuple[str, ...] = (),
                   reduce_range: bool = False, keep: tuple[str, ...] = ()) -> None:
     """Write the int8 (QDQ) graph calibrated on `calls` to `out` (a model.onnx path): the UNet, or the VAE
     decoder. Nodes named in `keep`, or whose names match a pattern of `exclude`, stay fp32. `reduce_range`: 7-bit weights, for
