@@ -1,4 +1,4 @@
-"""The `edgediff` command: demo, export, generate, plan, devices, loras, bench.
+"""The `edgediff` command: demo, export, generate, plan, devices, loras, batch, bench.
 
 Bad input ends in one line, `edgediff: error: ...`, exit status 2, and no file written. Anything else
 that goes wrong is one line naming the exception, exit status 1 (`--debug` shows the traceback).
@@ -217,6 +217,13 @@ def _parser() -> argparse.ArgumentParser:
     loras.add_argument("--lora-dir", required=True, metavar="DIR", help="the LoRA folder")
     loras.add_argument("--model", default=None, help="an exported folder: say whether each LoRA fits it")
     loras.set_defaults(run=_loras)
+
+    from . import batch as batch_run  # argparse and the standard library only, until it runs
+
+    batch = sub.add_parser("batch", help="generate the images of a file of txt2img requests (JSON lines), "
+                                         "resumably, here or on a Ray cluster")
+    batch_run.add_arguments(batch, backends)
+    batch.set_defaults(run=batch_run.run)
 
     from .bench import run as bench_run  # argparse and the standard library only, until it runs
 
