@@ -93,8 +93,8 @@ class Job:
         out = []
         for image in images:
             size = image.size
-            out.append(Image.composite(image.convert("RGB"), original.convert("RGB").resize(size, Image.Resampling.LANCZOS),
-                                       mask.resize(size, Image.Resampling.LANCZOS)))
+            kept = original.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+            out.append(Image.composite(image.convert("RGB"), kept, mask.resize(size, Image.Resampling.LANCZOS)))
         return out
 
 
@@ -240,6 +240,7 @@ def img2img_job(body: Mapping[str, Any], limits: Limits = Limits()) -> Job:
         ignored.append("resize_mode")
 
     overlay = None
+    original = image  # what A1111 pastes back outside the mask: the picture as sent, not as filled
     if mask is not None:
         mask = mask.convert("L")
         if _flag(body, "inpainting_mask_invert", 0):
@@ -258,7 +259,7 @@ def img2img_job(body: Mapping[str, Any], limits: Limits = Limits()) -> Job:
             ignored.append("inpainting_fill")
         if body.get("inpaint_full_res") not in (None, False, 0):
             ignored.append("inpaint_full_res")  # "only masked": edgediff inpaints at the whole picture's size
-        overlay = (image, mask)
+        overlay = (original, mask)
     kwargs["image"] = image
     kwargs["mask_image"] = mask
     parameters = dict(body)
@@ -354,7 +355,8 @@ def decode_image(value, what: str) -> Image.Image:
         raise EdgediffError(f"{what} is not an image: its bytes are in no format Pillow reads; send a PNG or "
                             "JPEG") from None
     except Exception as e:  # PIL's many ways of saying "not an image I can read"
-        raise EdgediffError(f"{what} is not an image Pillow can read ({first_line(e)}); send a PNG or JPEG") from None
+        raise EdgediffError(f"{what} is not an image Pillow can read ({first_line(e)}); send a PNG or "
+                            "JPEG") from None
     return image
 
 
