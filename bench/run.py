@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     p.add_argument("--out-dir", default=None,
                    help="where the runners write images and reports (default: a new temporary folder)")
+    p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help="run the protocol on every node of a Ray cluster and print one table of the nodes "
+                        "(auto: the cluster this machine is in, or a local one)")
     sub = p.add_subparsers(dest="bench_command", metavar="compare")
     cmp = sub.add_parser("compare", help="render several JSON reports side by side (table and PNG)")
     compare.add_arguments(cmp)
@@ -73,7 +76,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    # 1. Everything the user typed is checked before anything slow starts.
+    if args.ray is not None:  # the same protocol on every node of a cluster (bench/fleet.py)
+        from .fleet import run_fleet
+
+        return run_fleet(args)
+    report = measure(args)
+    print(render(report))
+    write_json(report, args.json)
+
+
+def checked(args) -> tuple[protocols.Protocol, list[protocols.EdgediffOptions], list[str]]:
+    """The protocol, edgediff rows and peers the arguments ask for: everything the user typed, checked
+    before anything slow starts."""
     protocol = protocols.protocol(args.protocol, args.model, args.steps, args.width, args.height, args.batch,
                                   args.warmup)
     rows = protocols.edgediff_rows(args.edgediff, protocols.EdgediffOptions(
@@ -81,6 +95,13 @@ def run(args) -> None:
     peers = protocols.peers(args.against)
     if args.repeat < 1:
         raise EdgediffError("--repeat must be at least 1")
+    return protocol, rows, peers
+
+
+def measure(args) -> dict:
+    """The benchmark on this machine: the report `render` prints."""
+    # 1. Everything the user typed is checked before anything slow starts.
+    protocol, rows, peers = checked(args)
     out = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="edgediff-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     from .machine import machine_facts
@@ -149,9 +170,12 @@ def run(args) -> None:
     }
     report["reference"] = _add_psnr(report["rows"])
     report["ratios"] = _ratios(report["rows"])
-    print(render(report))
-    if args.json:
-        path = Path(args.json)
+    return report
+
+
+def write_json(report: dict, path: str | None) -> None:
+    if path:
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1, allow_nan=False))
         print(f"wrote {path}")
