@@ -1,4 +1,4 @@
-"""The `edgediff` command: demo, export, generate, plan, devices, loras, batch, bench.
+"""The `edgediff` command: demo, export, generate, plan, devices, loras, batch, bench, serve.
 
 Bad input ends in one line, `edgediff: error: ...`, exit status 2, and no file written. Anything else
 that goes wrong is one line naming the exception, exit status 1 (`--debug` shows the traceback).
@@ -231,6 +231,13 @@ def _parser() -> argparse.ArgumentParser:
                                          "`bench compare A.json B.json` renders reports side by side")
     bench_run.add_arguments(bench)
     bench.set_defaults(run=bench_run.run)
+
+    from . import serve as serve_run  # argparse and the standard library only, until it runs
+
+    serve = sub.add_parser("serve", help="serve AUTOMATIC1111's /sdapi/v1 HTTP API (desktop apps, webuiapi) "
+                                         "and a one-page UI")
+    serve_run.add_arguments(serve, backends)
+    serve.set_defaults(run=serve_run.run)
 
     # `--debug` after the command too, where one adds it to the command line that just failed;
     # SUPPRESS: a command that does not name it leaves the global one's value alone
