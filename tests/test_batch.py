@@ -205,12 +205,16 @@ def test_ray_missing_is_one_line(monkeypatch, prompts, tmp_path, capsys, command
 # -- Ray ----------------------------------------------------------------------------------------------
 
 # Holds a local Ray cluster until its stdin closes. Ray's processes are its children: they stop with it.
+# Its session folder is short (Ray's sockets live in it, and a socket's path is at most 107 bytes) and its
+# own, so that another Ray user of the machine never finds this cluster as "the current one".
 HOLDER = """
-import sys, tempfile, ray
-ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+import shutil, sys, tempfile, ray
+folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+ray.init(num_cpus=2, include_dashboard=False, _temp_dir=folder)
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()
 ray.shutdown()
+shutil.rmtree(folder, ignore_errors=True)
 """
 
 
