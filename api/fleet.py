@@ -19,7 +19,7 @@ import socket
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from .engine.errors import EdgediffError, first_line
+from .engine.errors import EdgediffError, first_line, quiet
 
 
 def need_ray():
@@ -104,19 +104,8 @@ def generate_on(ray, calls: list, model: str, options: dict, actors: int | None)
     pool = ray.data.ActorPoolStrategy(size=actors or len(workers), max_tasks_in_flight_per_actor=1)
     done = items.map_batches(Generator, fn_constructor_kwargs=dict(model=model, options=options), compute=pool,
                              batch_size=1, batch_format="numpy", num_cpus=1)
-    with _quiet("ray.data"):  # its notes on progress bars and execution times, beside the batch's bar
+    with quiet("ray.data"):  # its notes on progress bars and execution times, beside the batch's bar
         yield from done.iter_rows()
-
-
-@contextmanager
-def _quiet(logger: str):
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def on_each_node(ray, fn: Callable, *args) -> list[tuple[dict, object]]:

@@ -4,7 +4,16 @@ ValueError, so code written for diffusers' argument errors keeps working).
 
 `EdgediffTypeError` is the same error for an argument of the wrong type (a prompt that is a number, a
 callback that cannot be called): it is also a TypeError, which is what Python code expects then.
+
+`first_line` and `quiet` keep the rest of what users read short: another library's message cut to one
+line, another library's logger held to its errors.
 """
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class EdgediffError(ValueError):
@@ -20,3 +29,16 @@ def first_line(e: BaseException) -> str:
     name when it has none."""
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+@contextmanager
+def quiet(logger_name: str) -> Iterator[None]:
+    """Only errors from the logger `logger_name` (and the loggers under it) while inside: a library's
+    notes that mean nothing to our users. Its level is restored afterwards."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -33,7 +33,6 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -45,7 +44,7 @@ import numpy as np
 
 from ..backends.coreml.session import COMPUTE_UNITS
 from ..engine.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
-from ..engine.errors import EdgediffError
+from ..engine.errors import EdgediffError, quiet
 from ..engine.files import atomic_folder, check_out
 from ..engine.metrics import relative_error, tensor_psnr
 from ..engine.model_folder import scale_factor
@@ -124,7 +123,9 @@ def export_coreml(src: str | Path, out: str | Path, sizes=((512, 512),), batch: 
     import torch
 
     try:
-        with _quiet_coremltools():
+        # coremltools warns at import that it has no native runtime (true off macOS, and we never load a
+        # model) and that it was tested with an older torch (the parity check below answers that).
+        with quiet("coremltools"):
             import coremltools  # noqa: F401
     except ImportError:
         raise EdgediffError("the Core ML export needs coremltools: pip install 'edgediff[export]'") from None
@@ -156,7 +157,7 @@ def export_coreml(src: str | Path, out: str | Path, sizes=((512, 512),), batch: 
                                  loras) if loras else {}
     check_out(out, force, folder=True)
     with atomic_folder(out) as tmp:
-        with torch.no_grad(), _quiet(), _quiet_coremltools():
+        with torch.no_grad(), _quiet(), quiet("coremltools"):
             reports, shapes = _export_all(src, tmp, sizes, batch, attention, compute_units, components, baked)
         manifest = {
             **manifest_header("edgediff-coreml", 2, src, name, source),
@@ -179,19 +180,6 @@ def export_coreml(src: str | Path, out: str | Path, sizes=((512, 512),), batch: 
 # Apple's own flexible-shape models carry; dozens would make the load slow for shapes never used.
 MAX_SIZES = 8
 MAX_BATCH = 4
-
-
-@contextlib.contextmanager
-def _quiet_coremltools():
-    """coremltools warns at import that it has no native runtime (true off macOS, and we never load a
-    model) and that it was tested with an older torch (the parity check below answers that)."""
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _export_all(src: Path, tmp: Path, sizes: list, batch: int, attention: str, compute_units: str,
