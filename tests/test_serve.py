@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,54 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from serve_process import ServeProcess, serve_command
 
 PROMPT = "a red circle on a blue background"
 SMALL = {"width": 64, "height": 64, "steps": 4}
-START_SECONDS = 120  # a generous bound for the process to answer; a fresh CI machine is slow to import
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "edgediff.cli", "serve", *args]
-
-
-class Server:
-    """An `edgediff serve` process, stopped (and its log shown on failure) when the test ends."""
-
-    def __init__(self, tmp: Path, *args: str, auth: tuple[str, str] | None = None):
-        self.port = free_port()
-        self.log = tmp / f"serve-{self.port}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(serve_command(*args, "--port", str(self.port)), stdout=log,
-                                         stderr=subprocess.STDOUT, env=env)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.Client(base_url=self.url, timeout=120, auth=auth)
-        deadline = time.monotonic() + START_SECONDS
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"edgediff serve exited {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if self.client.get("/sdapi/v1/progress").status_code in (200, 401):
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"edgediff serve did not answer:\n{self.log.read_text()}"
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.client.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +43,12 @@ def folders(builtin_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(builtin_model, folders):
     root, models, loras = folders
-    s = Server(root, "--model", str(builtin_model), "--models-dir", str(models), "--lora-dir", str(loras))
-    yield s
-    s.stop()
+    s = ServeProcess(root, "--model", str(builtin_model), "--models-dir", str(models), "--lora-dir", str(loras))
+    try:
+        s.wait()
+        yield s
+    finally:
+        s.stop()
 
 
 def png_b64(image: Image.Image) -> str:
@@ -420,8 +378,9 @@ def test_a_client_that_disconnects_mid_generation_leaves_the_server_healthy(serv
 
 
 def test_auth_is_refused_without_credentials_and_accepted_with_them(builtin_model, tmp_path):
-    s = Server(tmp_path, "--model", str(builtin_model), "--api-auth", "me:s3cret:with-colon,other:pw")
+    s = ServeProcess(tmp_path, "--model", str(builtin_model), "--api-auth", "me:s3cret:with-colon,other:pw")
     try:
+        s.wait()
         bare = httpx.Client(base_url=s.url, timeout=60)
         for path in ("/sdapi/v1/options", "/"):
             r = bare.get(path)

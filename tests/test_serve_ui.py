@@ -10,15 +10,14 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 from PIL import Image
+from serve_process import ServeProcess
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -28,56 +27,10 @@ SIZE = 128
 STEPS = 40
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real `edgediff serve` process on a free local port, started without waiting for it: Chromium
-    starts meanwhile (`page` waits for both)."""
-
-    def __init__(self, model, log):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}/"
-        self.log = log
-        # The same entry point as the `edgediff` console script, through this interpreter: the venv's
-        # bin/ need not be on PATH.
-        command = [sys.executable, "-c", "import sys; from edgediff.cli import main; sys.exit(main())",
-                   "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        self.up = False
-
-    def wait(self, timeout=120) -> str:
-        deadline = time.monotonic() + timeout
-        while not self.up:
-            if self.proc.poll() is not None:
-                pytest.fail(f"edgediff serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as r:
-                    self.up = r.status == 200
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"edgediff serve did not answer {self.url} within {timeout} s:\n"
-                            f"{self.log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        return self.url
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(builtin_model, tmp_path_factory):
-    started = Server(builtin_model, tmp_path_factory.mktemp("serve-ui") / "serve.log")
+    # not waited for here: Chromium starts meanwhile (`page` waits for both)
+    started = ServeProcess(tmp_path_factory.mktemp("serve-ui"), "--model", str(builtin_model))
     try:
         yield started
     finally:
