@@ -17,7 +17,7 @@ import torch
 from edgediff import Pipeline
 from edgediff.engine.errors import EdgediffError
 from edgediff.engine.metrics import psnr, tensor_psnr
-from edgediff.export import attention
+from edgediff.export import attention, quantize
 from edgediff.export import onnx_export as ox
 from edgediff.export.onnx_export import ExportOptions, export_onnx
 
@@ -337,7 +337,7 @@ def test_int8_export_quantizes_the_unet_only(builtin_model):
     # the layers whose inputs would lose most to uint8, measured, stay fp32: none of their inputs is dequantized
     layers = unet["extra"]["fp32_layers"]
     kept = [name for name, db in layers["worst"] if db < layers["floor"]]
-    assert layers["floor"] == 30 and 0 < layers["kept"] < layers["nodes"] and len(kept) == min(layers["kept"], 10)
+    assert layers["floor"] == quantize.INT8_MIN_SQNR and 0 < layers["kept"] < layers["nodes"] and len(kept) == min(layers["kept"], 10)
     dequantized = {o for n in graph.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     nodes = {n.name: n for n in graph.graph.node}
     assert all(not set(nodes[name].input) & dequantized for name in kept)
