@@ -211,7 +211,9 @@ def failure(call: Call, error: str, line: int | None = None) -> dict:
 
 
 def call_item(call: Call) -> dict:
-    """A call as Ray Data carries it: columns of plain types (the arguments pickled)."""
+    """A call as Ray Data carries it: columns of plain types (the arguments pickled). Only this
+    command's own Ray actors unpickle it (fleet.Generator), as Ray itself unpickles every task argument;
+    nothing read from a file or a request is ever unpickled."""
     return {"call": pickle.dumps(call)}
 
 
